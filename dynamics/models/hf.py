@@ -1,0 +1,213 @@
+"""Load a local Hugging Face model directory (config.json + *.safetensors) into our parameter tree.
+
+PyTorch `Linear` weights are [out, in]; ours are einsum operands with named axes, e.g. q: [D, N, H]. The
+mapping is a pure function of a {name: array} dict, so the tests feed it a transformers state dict directly.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from dynamics.errors import ModelError
+from dynamics.models.config import DecoderConfig, config_from_hf, read_hf_config
+
+Params = dict[str, Any]
+
+_PREFIXES = {"llama": "model.", "qwen2": "model.", "gemma2": "model.", "gpt_neox": "gpt_neox."}
+
+
+class _Source:
+    """A {name: array} view that tracks which names were used, to report leftovers and missing tensors."""
+
+    def __init__(self, tensors: Mapping[str, Any], prefix: str, where: str):
+        self.tensors = tensors
+        self.prefix = prefix if any(k.startswith(prefix) for k in tensors) else ""
+        self.where = where
+        self.used: set[str] = set()
+
+    def __call__(self, name: str, *, top: bool = False) -> np.ndarray:
+        key = name if top else self.prefix + name
+        if key not in self.tensors:
+            raise ModelError(f"{self.where}: tensor {key!r} is missing")
+        self.used.add(key)
+        return np.asarray(self.tensors[key])
+
+    def has(self, name: str, *, top: bool = False) -> bool:
+        return (name if top else self.prefix + name) in self.tensors
+
+
+def _linear_in(w: np.ndarray, *out_shape: int) -> np.ndarray:
+    """[out, in] → [in, *out_shape] (an input-side projection such as q: D → N×H)."""
+    return w.T.reshape(w.shape[1], *out_shape)
+
+
+def _linear_out(w: np.ndarray, *in_shape: int) -> np.ndarray:
+    """[out, in] → [*in_shape, out] (an output-side projection such as o: N×H → D)."""
+    return w.T.reshape(*in_shape, w.shape[0])
+
+
+def _norm(src: _Source, name: str, config: DecoderConfig) -> dict[str, np.ndarray]:
+    out = {"scale": src(f"{name}.weight")}
+    if config.norm_kind == "layer":
+        out["bias"] = src(f"{name}.bias")
+    return out
+
+
+def _llama_like_layer(src: _Source, i: int, c: DecoderConfig) -> Params:
+    p = f"layers.{i}."
+    D, N, K, H, F = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff
+
+    def proj(name, heads):
+        out = {"w": _linear_in(src(f"{p}self_attn.{name}_proj.weight"), heads, H)}
+        if c.qkv_bias:
+            out["b"] = src(f"{p}self_attn.{name}_proj.bias").reshape(heads, H)
+        return out
+
+    layer = {
+        "attn_norm": _norm(src, f"{p}input_layernorm", c),
+        "attn": {
+            "q": proj("q", N),
+            "k": proj("k", K),
+            "v": proj("v", K),
+            "o": {"w": _linear_out(src(f"{p}self_attn.o_proj.weight"), N, H)},
+        },
+        "mlp": {
+            "gate": {"w": src(f"{p}mlp.gate_proj.weight").T},
+            "up": {"w": src(f"{p}mlp.up_proj.weight").T},
+            "down": {"w": src(f"{p}mlp.down_proj.weight").T},
+        },
+    }
+    if c.post_norms:  # Gemma 2: post_attention_layernorm is the post-norm, pre_feedforward the MLP's pre-norm
+        layer["post_attn_norm"] = _norm(src, f"{p}post_attention_layernorm", c)
+        layer["mlp_norm"] = _norm(src, f"{p}pre_feedforward_layernorm", c)
+        layer["post_mlp_norm"] = _norm(src, f"{p}post_feedforward_layernorm", c)
+    else:
+        layer["mlp_norm"] = _norm(src, f"{p}post_attention_layernorm", c)
+    assert layer["attn"]["q"]["w"].shape == (D, N, H) and layer["mlp"]["gate"]["w"].shape == (D, F)
+    return layer
+
+
+def _neox_layer(src: _Source, i: int, c: DecoderConfig) -> Params:
+    p = f"layers.{i}."
+    N, H = c.n_heads, c.head_dim
+    # Fused qkv rows are laid out per head as [q(H), k(H), v(H)]: [N, 3, H] × D.
+    qkv_w = src(f"{p}attention.query_key_value.weight").reshape(N, 3, H, -1)
+    qkv_b = src(f"{p}attention.query_key_value.bias").reshape(N, 3, H)
+
+    def head(j):
+        return {"w": np.transpose(qkv_w[:, j], (2, 0, 1)), "b": qkv_b[:, j]}
+
+    return {
+        "attn_norm": _norm(src, f"{p}input_layernorm", c),
+        "mlp_norm": _norm(src, f"{p}post_attention_layernorm", c),
+        "attn": {
+            "q": head(0),
+            "k": head(1),
+            "v": head(2),
+            "o": {
+                "w": _linear_out(src(f"{p}attention.dense.weight"), N, H),
+                "b": src(f"{p}attention.dense.bias"),
+            },
+        },
+        "mlp": {
+            "up": {"w": src(f"{p}mlp.dense_h_to_4h.weight").T, "b": src(f"{p}mlp.dense_h_to_4h.bias")},
+            "down": {"w": src(f"{p}mlp.dense_4h_to_h.weight").T, "b": src(f"{p}mlp.dense_4h_to_h.bias")},
+        },
+    }
+
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attention.bias", "attention.masked_bias")
+
+
+def params_from_state_dict(
+    config: DecoderConfig,
+    tensors: Mapping[str, Any],
+    *,
+    where: str = "state dict",
+    cast: Callable[[np.ndarray], Any] | None = None,
+) -> Params:
+    """Our parameter tree from a transformers-named {tensor name: array} mapping.
+
+    Args:
+      config: the model's config.
+      tensors: arrays by their transformers names (a safetensors file or `model.state_dict()` as numpy).
+      where: what to name in error messages (a directory).
+      cast: applied to every array (e.g. to a jax array of the target dtype).
+
+    Raises:
+      ModelError: a tensor the config needs is missing, or a shape does not match the config.
+    """
+    src = _Source(tensors, _PREFIXES[config.family], where)
+    c = config
+    cast = cast or (lambda a: a)
+    if c.family == "gpt_neox":
+        embed = src("embed_in.weight")
+        layers = [_neox_layer(src, i, c) for i in range(c.n_layers)]
+        final = _norm(src, "final_layer_norm", c)
+        # Pythia checkpoints call the head embed_out; transformers ≥ 5 saves it as lm_head
+        head_name = "embed_out.weight" if src.has("embed_out.weight", top=True) else "lm_head.weight"
+    else:
+        embed = src("embed_tokens.weight")
+        layers = [_llama_like_layer(src, i, c) for i in range(c.n_layers)]
+        final = _norm(src, "norm", c)
+        head_name = "lm_head.weight"
+    if embed.shape != (c.vocab_size, c.d_model):
+        raise ModelError(f"{where}: embedding has shape {embed.shape}, config says {(c.vocab_size, c.d_model)}")
+    params: Params = {"embed": {"embedding": embed}, "final_norm": final}
+    for i, layer in enumerate(layers):
+        params[f"layers_{i}"] = layer
+    if not c.tie_embeddings:
+        if not src.has(head_name, top=True):
+            raise ModelError(f"{where}: config says untied embeddings but {head_name!r} is missing")
+        params["lm_head"] = {"w": src(head_name, top=True)}
+    leftovers = [k for k in tensors if k not in src.used and not k.endswith(_IGNORED_SUFFIXES)]
+    if c.tie_embeddings and head_name in leftovers:
+        leftovers.remove(head_name)  # a saved copy of the tied matrix
+    if leftovers:
+        raise ModelError(f"{where}: {len(leftovers)} tensors were not used, e.g. {leftovers[:5]}")
+    return _map_leaves(params, cast)
+
+
+def _map_leaves(tree, fn):
+    if isinstance(tree, dict):
+        return {k: _map_leaves(v, fn) for k, v in tree.items()}
+    return fn(tree)
+
+
+def _safetensors_files(directory: str) -> list[str]:
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as fh:
+            names = sorted(set(json.load(fh)["weight_map"].values()))
+        return [os.path.join(directory, n) for n in names]
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise ModelError(f"{directory}: no *.safetensors files (only safetensors weights are supported)")
+    return files
+
+
+def load_hf_directory(directory: str, dtype: str = "float32") -> tuple[DecoderConfig, Params]:
+    """(config, params) from a local Hugging Face directory, arrays as jax arrays of `dtype`.
+
+    Raises:
+      ModelError: no config.json, an unsupported `model_type` (lists the supported ones), missing tensors.
+    """
+    import jax.numpy as jnp
+    from safetensors import safe_open
+
+    hf = read_hf_config(os.path.join(directory, "config.json"))
+    config = config_from_hf(hf, name=os.path.basename(os.path.normpath(directory)))
+    tensors: dict[str, Any] = {}
+    for path in _safetensors_files(directory):
+        with safe_open(path, framework="flax") as fh:
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+    target = jnp.dtype(dtype)
+    params = params_from_state_dict(config, tensors, where=directory, cast=lambda a: jnp.asarray(a, target))
+    return config, params

@@ -1,0 +1,192 @@
+"""Building blocks of the decoder: norms, rotary embeddings, attention, MLP (Flax linen).
+
+Axis names in every einsum: B batch, T query time, S key time, D model, N query heads, K key/value heads,
+G query heads per key/value head (N = K·G), H head dim, F MLP inner size, V vocabulary.
+
+Dtypes: parameters set the compute dtype (float32, float64 or bfloat16). Norms, RoPE angles and the attention
+softmax are computed in at least float32, as the PyTorch reference does.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jaxtyping import Array, Bool, Float, Int
+
+from dynamics.models.config import DecoderConfig, llama3_inv_freq
+
+_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def _lead(v: Array, x: Array) -> Array:
+    """v [*tail] reshaped to x's rank, with leading unit axes (explicit broadcasting; rank promotion raises)."""
+    return v.reshape((1,) * (x.ndim - v.ndim) + v.shape)
+
+
+def _upcast(x: Array) -> Array:
+    """x in float32, or float64 if it already is."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+class Einsum(nn.Module):
+    """y = einsum(spec, x, w) (+ b): one projection with named axes."""
+
+    spec: str
+    shape: tuple[int, ...]
+    bias_shape: tuple[int, ...] | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        w = self.param("w", _INIT, self.shape)
+        y = jnp.einsum(self.spec, x, w.astype(x.dtype))
+        if self.bias_shape is not None:
+            y = y + _lead(self.param("b", nn.initializers.zeros, self.bias_shape).astype(y.dtype), y)
+        return y
+
+
+class Norm(nn.Module):
+    """RMSNorm (Llama, Qwen2; Gemma's with scale 1 + w) or LayerNorm with bias (GPT-NeoX), over D."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        c = self.config
+        D = x.shape[-1]
+        xf = _upcast(x)
+        if c.norm_kind == "layer":
+            scale = self.param("scale", nn.initializers.ones, (D,))
+            bias = self.param("bias", nn.initializers.zeros, (D,))
+            mean = xf.mean(-1, keepdims=True)
+            var = jnp.square(xf - mean).mean(-1, keepdims=True)
+            y = (xf - mean) * jax.lax.rsqrt(var + c.norm_eps)
+            return (y * _lead(_upcast(scale), y) + _lead(_upcast(bias), y)).astype(x.dtype)
+        init = nn.initializers.zeros if c.norm_plus_one else nn.initializers.ones
+        scale = self.param("scale", init, (D,))
+        y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + c.norm_eps)
+        if c.norm_plus_one:  # Gemma: (x̂ · (1 + w)) in float32, then cast
+            return (y * _lead(1.0 + _upcast(scale), y)).astype(x.dtype)
+        return _lead(scale.astype(x.dtype), y) * y.astype(x.dtype)  # Llama: cast x̂ first, then scale
+
+
+def rope_inv_freq(config: DecoderConfig) -> np.ndarray:
+    """Inverse frequencies θ^{-2i/R}, i < R/2, R = rotary_dim, with Llama-3 or linear scaling applied."""
+    R = config.rotary_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, R, 2, dtype=np.float64) / R))
+    scaling = config.rope_scaling
+    if scaling and scaling["rope_type"] == "llama3":
+        inv = llama3_inv_freq(inv, scaling)
+    elif scaling and scaling["rope_type"] == "linear":
+        inv = inv / scaling["factor"]
+    return inv
+
+
+def rope_angles(
+    config: DecoderConfig, positions: Int[Array, "B T"], dtype
+) -> tuple[Float[Array, "B T R"], Float[Array, "B T R"]]:
+    """cos and sin of the rotary angles at each position, duplicated over both halves (HF's rotate_half layout)."""
+    angle_dtype = jnp.promote_types(dtype, jnp.float32)
+    inv = jnp.asarray(rope_inv_freq(config), dtype=angle_dtype)
+    ang = positions.astype(angle_dtype)[..., None] * inv[None, None, :]  # [B, T, R/2]
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x: Float[Array, "B T n H"], cos: Array, sin: Array) -> Float[Array, "B T n H"]:
+    """Rotate the first R dims of each head: x·cos + rotate_half(x)·sin (the HF/NeoX convention)."""
+    R = cos.shape[-1]
+    xr, xp = x[..., :R], x[..., R:]
+    x1, x2 = xr[..., : R // 2], xr[..., R // 2 :]
+    rot = jnp.concatenate([-x2, x1], axis=-1)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = (_upcast(xr) * c + _upcast(rot) * s).astype(x.dtype)
+    return jnp.concatenate([out, xp], axis=-1) if xp.shape[-1] else out
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE, optional logit soft-cap (Gemma 2) and a given boolean mask."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Float[Array, "B T D"],
+        cos: Array,
+        sin: Array,
+        mask: Bool[Array, "B T S"],
+    ) -> Float[Array, "B T D"]:
+        c = self.config
+        D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+        G = N // K
+        q = Einsum("BTD,DNH->BTNH", (D, N, H), (N, H) if c.qkv_bias else None, name="q")(x)
+        k = Einsum("BSD,DKH->BSKH", (D, K, H), (K, H) if c.qkv_bias else None, name="k")(x)
+        v = Einsum("BSD,DKH->BSKH", (D, K, H), (K, H) if c.qkv_bias else None, name="v")(x)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        B, T = x.shape[:2]
+        q = q.reshape(B, T, K, G, H)
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k)  # [B, K, G, T, S]
+        logits = _upcast(logits) * c.query_scale
+        if c.attn_logit_softcap is not None:
+            logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
+        big_neg = jnp.finfo(logits.dtype).min
+        logits = jnp.where(mask[:, None, None, :, :], logits, big_neg)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
+        return Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if c.out_bias else None, name="o")(out)
+
+
+def _activation(name: str, x: Array) -> Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    raise ValueError(name)
+
+
+class MLP(nn.Module):
+    """Gated MLP down(act(gate(x)) ⊙ up(x)) (Llama, Qwen2, Gemma 2) or plain down(act(up(x))) (GPT-NeoX)."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+        c = self.config
+        D, F = c.d_model, c.d_ff
+        bias = c.out_bias
+        up = Einsum("BTD,DF->BTF", (D, F), (F,) if bias else None, name="up")(x)
+        if c.gated_mlp:
+            gate = Einsum("BTD,DF->BTF", (D, F), None, name="gate")(x)
+            hidden = _activation(c.activation, gate) * up
+        else:
+            hidden = _activation(c.activation, up)
+        return Einsum("BTF,FD->BTD", (F, D), (D,) if bias else None, name="down")(hidden)
+
+
+class Block(nn.Module):
+    """One transformer block: sequential (pre-norm, Gemma's extra post-norms) or parallel residual (NeoX)."""
+
+    config: DecoderConfig
+    sliding: bool = False
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "B T D"], cos, sin, mask) -> Float[Array, "B T D"]:
+        c = self.config
+        attn = Attention(c, name="attn")
+        mlp = MLP(c, name="mlp")
+        if c.parallel_residual:
+            a = attn(Norm(c, name="attn_norm")(x), cos, sin, mask)
+            m = mlp(Norm(c, name="mlp_norm")(x))
+            return x + a + m
+        a = attn(Norm(c, name="attn_norm")(x), cos, sin, mask)
+        if c.post_norms:
+            a = Norm(c, name="post_attn_norm")(a)
+        x = x + a
+        m = mlp(Norm(c, name="mlp_norm")(x))
+        if c.post_norms:
+            m = Norm(c, name="post_mlp_norm")(m)
+        return x + m

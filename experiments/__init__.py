@@ -1,0 +1,1 @@
+"""rmdyn.experiments: runnable studies, configs, benchmarks and the `rmdyn` command line."""

@@ -1,0 +1,1 @@
+"""Sub-commands of `rmdyn`, one module each (see experiments.cli)."""

@@ -1,0 +1,40 @@
+"""`rmdyn bench TARGET`: micro-benchmarks that print times and ratios (never assertions).
+
+Targets are registered in `BENCH_TARGETS`: a name mapped to the module that implements it. A target module
+exposes `DESCRIPTION` (one line), `add_arguments(parser)` and `run(args) -> int`, and must not import JAX at
+module level (registration has to stay cheap). To add a target such as `delta`, write
+experiments/bench_delta.py with those three names and add `"delta": "experiments.bench_delta"` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+BENCH_TARGETS: dict[str, str] = {
+    "theorem2": "experiments.bench_theorem2",
+}
+
+
+def register(subparsers: Any) -> None:
+    """Adds `bench` with one sub-command per entry of BENCH_TARGETS."""
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmarks (timings and speed-up ratios): " + ", ".join(BENCH_TARGETS),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    targets = parser.add_subparsers(dest="bench_target", metavar="TARGET")
+    for name, module_name in BENCH_TARGETS.items():
+        module = importlib.import_module(module_name)
+        target = targets.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION)
+        module.add_arguments(target)
+        target.set_defaults(func=module.run)
+    parser.set_defaults(func=_missing_target)
+
+
+def _missing_target(args: argparse.Namespace) -> int:
+    from dynamics.errors import ConfigError
+
+    raise ConfigError(f"rmdyn bench needs a TARGET, one of: {', '.join(BENCH_TARGETS)}")

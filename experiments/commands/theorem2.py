@@ -1,0 +1,158 @@
+"""`rmdyn theorem2`: the single-token simulation of Theorem 2 (paper-spec §5).
+
+Trains an EX-RM head u and an IM-RM unembedding W by full-batch gradient descent on fixed representations and
+records cos(u(t), u*) and the accuracies on pairs of unseen tokens, for many seeds at once (jit + vmap).
+Writes theorem2.png and theorem2.json (every recorded number) under --out.
+
+Sources: `synthetic` (paper-spec §5 "Simulation recipe") or `model` (SmolLM2 hidden states; provided by
+experiments.theorem2_model.model_problem(n_seeds=..., seed=...) once that module exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+DEFAULTS = {"seeds": 50, "steps": 10_000, "lr": 0.5, "schedule": "normalized", "grid": 41}
+
+
+def register(subparsers: Any) -> None:
+    """Adds the `theorem2` sub-command (no heavy imports here)."""
+    parser = subparsers.add_parser(
+        "theorem2",
+        help="Theorem 2 simulation: EX-RM converges to u*, IM-RM ties on unseen tokens (writes PNG + JSON)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--source", choices=("synthetic", "model"), default="synthetic", help="representations")
+    parser.add_argument("--seeds", type=int, default=DEFAULTS["seeds"], help="number of seeds (vmapped)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="GD steps (default 10000)")
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="EX-RM step size η (default 0.5)")
+    parser.add_argument("--im-lr", type=float, default=None, help="IM-RM step size (default lr/β²)")
+    parser.add_argument("--beta", type=float, default=0.01, help="β of the IM-RM (default 0.01)")
+    parser.add_argument(
+        "--schedule",
+        choices=("plain", "normalized"),
+        default=DEFAULTS["schedule"],
+        help="plain GD (the theorem's setting; ~1e7 steps to cos 0.99) or η/L(θ_t) (default normalized)",
+    )
+    parser.add_argument(
+        "--method", choices=("dual", "primal"), default="dual", help="dual (fast) or primal (reference)"
+    )
+    parser.add_argument("--grid", type=int, default=DEFAULTS["grid"], help="log-spaced recording points")
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="precision")
+    parser.add_argument("--out", default="runs/theorem2", help="output directory (default runs/theorem2)")
+    parser.set_defaults(func=run)
+
+
+def load_problem(source: str, n_seeds: int, seed: int) -> Any:
+    """The batched `Theorem2Problem` of a source.
+
+    Raises:
+      ConfigError: `model` while experiments.theorem2_model (with `model_problem`) does not exist yet.
+    """
+    from dynamics.errors import ConfigError
+
+    if n_seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {n_seeds}")
+    if source == "synthetic":
+        from theory.theorem2 import synthetic_problems
+
+        return synthetic_problems(seed, n_seeds)
+    if source != "model":
+        raise ConfigError(f"--source must be 'synthetic' or 'model', got {source!r}")
+    import importlib
+
+    try:
+        module = importlib.import_module("experiments.theorem2_model")
+    except ModuleNotFoundError as err:
+        if err.name not in ("experiments.theorem2_model", "experiments"):
+            raise
+        raise ConfigError(
+            "--source model is not available yet: experiments/theorem2_model.py (with "
+            "model_problem(n_seeds, seed) -> theory.Theorem2Problem) has not been written; "
+            "use --source synthetic"
+        ) from None
+    model_problem = getattr(module, "model_problem", None)
+    if model_problem is None:
+        raise ConfigError(
+            "--source model is not available yet: experiments.theorem2_model has no function model_problem"
+        )
+    from theory.theorem2 import broadcast_problem
+
+    return broadcast_problem(model_problem(n_seeds=n_seeds, seed=seed), n_seeds)
+
+
+def _table(result: Any) -> list[str]:
+    import numpy as np
+
+    rows = [
+        f"{'t':>9} {'cos(u,u*) mean':>14} {'min':>7} {'EX unseen':>9} {'IM unseen':>9} "
+        f"{'EX train':>8} {'IM train':>8} {'log10 L_EX':>10} {'log10 L_IM':>10}"
+    ]
+    ln10 = np.log(10.0)
+    grid = result.steps
+    picks = sorted({0, *np.searchsorted(grid, [1, 10, 100, 1_000, 10_000, 100_000, 1_000_000]), len(grid) - 1})
+    for k in picks:
+        if k >= len(grid):
+            continue
+        rows.append(
+            f"{int(grid[k]):>9} {result.cos_u_star[:, k].mean():>14.5f} "
+            f"{result.cos_u_star[:, k].min():>7.4f} "
+            f"{np.nanmean(result.acc_unseen_ex[:, k]):>9.4f} {np.nanmean(result.acc_unseen_im[:, k]):>9.4f} "
+            f"{result.train_acc_ex[:, k].mean():>8.4f} {result.train_acc_im[:, k].mean():>8.4f} "
+            f"{result.log_loss_ex[:, k].mean() / ln10:>10.3g} {result.log_loss_im[:, k].mean() / ln10:>10.3g}"
+        )
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the simulation, prints a table and the Theorem-2 checks, writes the figure and the JSON."""
+    import numpy as np
+
+    from figures.theorem2 import theorem2_figure
+    from theory.theorem2 import Theorem2Config, max_margin_directions, simulate_theorem2
+
+    config = Theorem2Config(
+        n_steps=args.steps,
+        lr=args.lr,
+        im_lr=args.im_lr,
+        beta=args.beta,
+        schedule=args.schedule,
+        n_grid=args.grid,
+        dtype=args.dtype,
+        method=args.method,
+    )
+    t0 = time.perf_counter()
+    problem = load_problem(args.source, args.seeds, args.seed)
+    t1 = time.perf_counter()
+    u_star = np.stack([r.direction for r in max_margin_directions(problem)])
+    t2 = time.perf_counter()
+    result = simulate_theorem2(problem, config, u_star=u_star, seed=args.seed)
+    t3 = time.perf_counter()
+
+    print(
+        f"Theorem 2 simulation (paper-spec §5): source {args.source}, {problem.n_seeds} seeds, "
+        f"{config.n_steps} {config.schedule} GD steps, η = {config.lr}, IM-RM η = {config.resolved_im_lr:g}, "
+        f"β = {config.beta}, {config.method} method, {config.dtype}"
+    )
+    print(f"time: problem {t1 - t0:.1f} s, u* (QP per seed) {t2 - t1:.1f} s, simulate incl. JIT {t3 - t2:.1f} s")
+    print("\n".join(_table(result)))
+    s = result.summary()
+    ex_eq = int(np.sum(result.acc_unseen_ex[:, -1] == result.u_star_acc_unseen))
+    print(
+        f"\nfinal: cos(u, u*) mean {s['cos_u_star_mean']:.6f}, min {s['cos_u_star_min']:.6f}"
+        f"\n  IM-RM: train acc {s['train_acc_im']:.4f}, unseen acc {s['acc_unseen_im']:.4f} "
+        f"(exactly 0.5 on every seed: {bool(np.all(result.acc_unseen_im == 0.5))}), "
+        f"max |W_v(t) − W_v(0)| over unseen v = {s['max_unseen_row_change']:g}, "
+        f"max |Δr| on unseen pairs = {s['max_unseen_reward_diff_im']:g}"
+        f"\n  EX-RM: unseen acc {s['acc_unseen_ex']:.4f}, u* unseen acc {s['u_star_acc_unseen']:.4f}, "
+        f"equal on {ex_eq}/{result.n_seeds} seeds"
+    )
+    data = result.to_dict()
+    data["timing_s"] = {"problem": t1 - t0, "u_star": t2 - t1, "simulate_incl_jit": t3 - t2}
+    png, js = theorem2_figure(data, f"{args.out}/theorem2.png")
+    print(f"wrote {png} and {js}")
+    return 0
