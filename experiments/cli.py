@@ -13,7 +13,6 @@ import sys
 
 # Modules under experiments.commands, in the order their commands appear in `rmdyn --help`.
 COMMAND_MODULES = (
-    "demo",
     "models",
     "theorem1",
     "theorem2",

@@ -160,21 +160,33 @@ def rest_is(name: str, suffix: str) -> bool:
     return name.startswith("blk.") and name.endswith("." + suffix)
 
 
-def load_gguf(path: str, dtype: str = "float32", progress: bool = False) -> tuple[DecoderConfig, Params]:
-    """(config, params) from a GGUF file; every tensor dequantized to float32, then cast to `dtype`.
-
-    Raises:
-      ModelError: the file is missing or not GGUF, or its architecture is not supported.
-    """
-    import jax.numpy as jnp
+def open_gguf(path: str):
+    """A `gguf.GGUFReader` on `path` (memory-mapped), with a clear error for a missing or unreadable file."""
     from gguf import GGUFReader
 
     if not os.path.exists(path):
         raise ModelError(f"{path}: no such GGUF file")
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except Exception as err:  # gguf raises ValueError/struct errors on bad magic or truncation
         raise ModelError(f"{path}: not a readable GGUF file ({err})") from err
+
+
+def load_gguf(path: str, dtype: str = "float32", progress: bool = False, reader=None) -> tuple[DecoderConfig, Params]:
+    """(config, params) from a GGUF file; every tensor dequantized to float32, then cast to `dtype`.
+
+    Args:
+      path: the .gguf file.
+      dtype: parameter dtype.
+      progress: show a progress bar while dequantizing.
+      reader: an already open `gguf.GGUFReader` on `path` (shared with the tokenizer loader), or None.
+
+    Raises:
+      ModelError: the file is missing or not GGUF, or its architecture is not supported.
+    """
+    import jax.numpy as jnp
+
+    reader = reader if reader is not None else open_gguf(path)
     hf = gguf_hf_config(reader, path)
     config = config_from_hf(hf, name=hf["_name_or_path"])
     tensors = gguf_state_dict(reader, hf, path, progress=progress)

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from dynamics.errors import ConfigError
-    from theory._io import write_json_atomic
+    from dynamics.io import write_json_atomic
     from theory.theorem1 import construction_from_counts, verifier_construction
 
     deltas = _parse_deltas(args.deltas)

@@ -1,4 +1,4 @@
-"""JSON helpers shared by the result dataclasses of `theory` (private).
+"""JSON helpers shared by every result dataclass (theory, dynamics, experiments).
 
 Results write themselves atomically (a temporary file in the same directory, then `os.replace`), so a reader
 never sees half a file. Non-finite floats are written as the strings "inf", "-inf" and "nan": strict JSON

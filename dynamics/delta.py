@@ -1,0 +1,392 @@
+"""First-order reward change Δr of unseen pairs after one step on training triples (paper-spec §3).
+
+For one step θ' = θ + Δθ on the batch-mean Bradley-Terry loss of B triples (x_i, y_i+, y_i−):
+
+    SGD:   Δθ = η · (1/B) Σ_i g_i (∇r(x_i,y_i+) − ∇r(x_i,y_i−)),   g_i = σ(r(x_i,y_i−) − r(x_i,y_i+))
+    Δr(u) = ⟨∇r(u), Δθ⟩ + O(η²) = η (1/B) Σ_i g_i [K(u, y_i+) − K(u, y_i−)] + O(η²),  K(u, v) = ⟨∇r(u), ∇r(v)⟩
+
+restricted to the trainable parameters. With Adam (its first step, m = g, v = g²) Δθ is Adam's update and
+Δr ≈ ⟨∇r(u), Δθ⟩. Two implementations behind one switch (architecture.md, "The one identity"):
+
+- `closed_form`, Assumption 1 only: EX-RM with the head trained, K(u, v) = ⟨h_u, h_v⟩ (paper-spec Eq. (4));
+  IM-RM with the (untied) unembedding trained, K(u, v) = β² Σ_k Σ_l ⟨h_{x̄,ȳ<k}, h_{x,v<l}⟩ ρ_{k,l}(v) (Eq. (5)).
+- `ntk`, any mask: one VJP gives the update direction (and, to decompose Δr into kernel terms, one VJP per training
+  response); the unseen rewards' JVPs along those directions, vmapped over the directions and chunked over the
+  unseen pairs, give Δr and K. No per-example gradient of an unseen pair is ever formed.
+
+Units: Δr is in reward units (for the IM-RM: β × nats). Signs: Δr > 0 means the step raised the reward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dynamics.errors import ConfigError, DataError
+from dynamics.masks import combine, count_selected, partition, prepare, trainable_mask
+from dynamics.models import unembedding
+from dynamics.rewards import ExplicitRM, GenerativeRM, ImplicitRM, RewardModel, bt_loss, bt_weight
+from dynamics.text import PairBatch, PreferenceBatch
+
+Method = Literal["closed_form", "ntk"]
+Optimizer = Literal["sgd", "adam"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaResult:
+    """Predicted one-step reward changes of unseen pairs, and their decomposition (paper-spec §3).
+
+    Attributes:
+      delta: predicted Δr per unseen pair, [n_unseen].
+      reward_before: r(u) before the step, [n_unseen].
+      bt_weight: g_i = σ(r(x_i,y_i−) − r(x_i,y_i+)) per training triple, [B].
+      train_chosen_reward: r(x_i, y_i+), [B].
+      train_rejected_reward: r(x_i, y_i−), [B].
+      kernel_chosen: K(u, y_i+) = ⟨∇r(u), ∇r(x_i,y_i+)⟩ over the trainable parameters, [n_unseen, B], or None.
+      kernel_rejected: K(u, y_i−), [n_unseen, B], or None.
+      meta: reward type and options, mask, method, optimizer, learning rate, number of trained parameters.
+    """
+
+    delta: np.ndarray
+    reward_before: np.ndarray
+    bt_weight: np.ndarray
+    train_chosen_reward: np.ndarray
+    train_rejected_reward: np.ndarray
+    kernel_chosen: np.ndarray | None
+    kernel_rejected: np.ndarray | None
+    meta: dict[str, Any]
+
+    @property
+    def lr(self) -> float:
+        return float(self.meta["lr"])
+
+    @property
+    def kernel_margin(self) -> np.ndarray | None:
+        """(1/B) Σ_i g_i [K(u, y_i+) − K(u, y_i−)] per unseen pair: Δr / η for SGD."""
+        if self.kernel_chosen is None:
+            return None
+        w = self.bt_weight / len(self.bt_weight)
+        return (self.kernel_chosen - self.kernel_rejected) @ w
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "delta": self.delta,
+            "reward_before": self.reward_before,
+            "bt_weight": self.bt_weight,
+            "train_chosen_reward": self.train_chosen_reward,
+            "train_rejected_reward": self.train_rejected_reward,
+            "kernel_chosen": self.kernel_chosen,
+            "kernel_rejected": self.kernel_rejected,
+            "meta": self.meta,
+        }
+        from dynamics.io import jsonable
+
+        return jsonable(d)
+
+    def to_json(self, path: str) -> str:
+        from dynamics.io import write_json_atomic
+
+        return str(write_json_atomic(path, self.to_dict()))
+
+
+def reward_name(rm: RewardModel) -> str:
+    """ "EX-RM", "EX-RM (mean)", "IM-RM", "IM-RM (no ref)", "EX-GRM"."""
+    if isinstance(rm, ExplicitRM):
+        return "EX-RM" if rm.pooling == "last" else "EX-RM (mean)"
+    if isinstance(rm, ImplicitRM):
+        return "IM-RM (no ref)" if rm.reference_free else "IM-RM"
+    return "EX-GRM"
+
+
+def strip(batch):
+    """The batch without its static bookkeeping fields (they are part of the jit cache key)."""
+    if isinstance(batch, PreferenceBatch):
+        return PreferenceBatch(strip(batch.chosen), strip(batch.rejected))
+    return batch.replace(truncated=(), boundary_mismatch=())
+
+
+def check_nonempty_responses(batch: PairBatch, what: str) -> None:
+    """Raise `DataError` naming the first row of `batch` whose response has no token."""
+    counts = np.asarray(batch.response_mask).sum(-1)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        raise DataError(f"{what}: row {int(empty[0])} has an empty response (no response tokens)")
+
+
+def _chunks(batch: PairBatch, size: int) -> list[tuple[PairBatch, int]]:
+    """Rows in chunks of exactly `size` (the last one padded by repeating its first row), with the count kept."""
+    n = batch.batch_size
+    out = []
+    for start in range(0, n, size):
+        idx = np.arange(start, min(start + size, n))
+        keep = len(idx)
+        idx = np.concatenate([idx, np.full(size - keep, idx[0])]) if keep < size else idx
+        out.append((strip(batch.select(idx)), keep))
+    return out
+
+
+def _tree_dot(a, b) -> jax.Array:
+    leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x, y), a, b))
+    return sum(leaves) if leaves else jnp.zeros(())
+
+
+def training_rewards(rm: RewardModel, params, train: PreferenceBatch) -> tuple[np.ndarray, np.ndarray]:
+    """(r(x_i, y_i+), r(x_i, y_i−)) before the step."""
+    f = jax.jit(rm.reward)
+    t = strip(train)
+    return np.asarray(f(params, t.chosen)), np.asarray(f(params, t.rejected))
+
+
+def unit_update(rm: RewardModel, train_tree, frozen, train: PreferenceBatch, optimizer: Optimizer) -> Any:
+    """Δθ / η: the parameter change of one step with learning rate 1 (SGD: −∇L; Adam: its first update).
+
+    Both are exactly linear in η (optax scales the final update by −η), so Δθ(η) = η · unit_update.
+    """
+    t = strip(train)
+
+    def loss(tr):
+        p = combine(tr, frozen)
+        return bt_loss(rm.reward(p, t.chosen), rm.reward(p, t.rejected))
+
+    grads = jax.grad(loss)(train_tree)
+    if optimizer == "sgd":
+        return jax.tree.map(jnp.negative, grads)
+    if optimizer == "adam":
+        opt = optax.adam(1.0)
+        updates, _ = opt.update(grads, opt.init(train_tree), train_tree)
+        return updates
+    raise ConfigError(f"unknown optimizer {optimizer!r}; expected sgd or adam")
+
+
+def response_gradients(rm: RewardModel, train_tree, frozen, train: PreferenceBatch) -> Any:
+    """∇r(x_i, y_i+) for i < B, then ∇r(x_i, y_i−): a tree whose leaves are stacked [2B, ...].
+
+    One VJP of the 2B training rewards, evaluated at the 2B unit cotangents (vmapped): the only gradients ever
+    formed are those of the training responses.
+    """
+    t = strip(train)
+
+    def rewards(tr):
+        p = combine(tr, frozen)
+        return jnp.concatenate([rm.reward(p, t.chosen), rm.reward(p, t.rejected)])
+
+    r, vjp = jax.vjp(rewards, train_tree)
+    eye = jnp.eye(r.shape[0], dtype=r.dtype)
+    return jax.vmap(lambda c: vjp(c)[0])(eye)
+
+
+def _jvp_rewards(rm: RewardModel, train_tree, frozen, tangents, unseen: PairBatch):
+    """(r(u) [C], ⟨∇r(u), t_j⟩ [n_dir, C]) for one chunk of unseen pairs and stacked tangents."""
+
+    def f(tr):
+        return rm.reward(combine(tr, frozen), unseen)
+
+    def one(t):
+        return jax.jvp(f, (train_tree,), (t,))
+
+    primal, tang = jax.vmap(one, out_axes=(None, 0))(tangents)
+    return primal, tang
+
+
+_jvp_rewards_jit = jax.jit(_jvp_rewards, static_argnums=(0,))
+
+
+def _stack_trees(trees: list) -> Any:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _ntk(
+    rm: RewardModel,
+    params,
+    mask,
+    train: PreferenceBatch,
+    unseen: PairBatch,
+    optimizer: Optimizer,
+    decompose: bool,
+    chunk_size: int,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(reward before, Δr per unit η, kernel [n_unseen, 2B] or None) by VJP + chunked, vmapped JVPs."""
+    from tqdm.auto import tqdm
+
+    train_tree, frozen = partition(params, mask)
+    update = jax.jit(unit_update, static_argnums=(0, 4))(rm, train_tree, frozen, strip(train), optimizer)
+    directions = [jax.tree.map(lambda x: x[None], update)]
+    if decompose:
+        directions.append(jax.jit(response_gradients, static_argnums=0)(rm, train_tree, frozen, strip(train)))
+    tangents = jax.tree.map(lambda *xs: jnp.concatenate(xs), *directions)
+    before, delta, kern = [], [], []
+    chunks = _chunks(unseen, chunk_size)
+    for chunk, keep in tqdm(chunks, desc="Δr (JVP)", disable=not progress or len(chunks) < 3, leave=False):
+        r, t = _jvp_rewards_jit(rm, train_tree, frozen, tangents, chunk)
+        r, t = np.asarray(r)[:keep], np.asarray(t)[:, :keep]
+        before.append(r)
+        delta.append(t[0])
+        if decompose:
+            kern.append(t[1:].T)
+    return np.concatenate(before), np.concatenate(delta), (np.concatenate(kern) if decompose else None)
+
+
+def _im_kernel_pair(h_u, tok_u, m_u, h_v, tok_v, m_v, W, softcap, chunk):
+    """Σ_k Σ_l m_k m_l ⟨h_k, h'_l⟩ ρ_{k,l} for one unseen sequence and one training sequence (Eq. (5) sum)."""
+    from dynamics.rho import rho_terms
+
+    terms = rho_terms(h_u, tok_u, h_v, tok_v, W, chunk=chunk, softcap=softcap)
+    sim = jnp.einsum("KD,LD->KL", h_u.astype(terms.inner.dtype), h_v.astype(terms.inner.dtype))
+    w = m_u[:, None].astype(sim.dtype) * m_v[None, :].astype(sim.dtype)
+    return jnp.sum(sim * terms.rho * w)
+
+
+def _im_prediction_arrays(lm, lm_params, batch: PairBatch):
+    """(contexts h[:, :-1], predicted tokens [:, 1:], response mask [:, 1:]) of each sequence."""
+    hidden = lm.forward(lm_params, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask))
+    return hidden[:, :-1], jnp.asarray(batch.tokens)[:, 1:], jnp.asarray(batch.response_mask)[:, 1:]
+
+
+@jax.jit
+def _dot_rows(a, b):
+    return jnp.einsum("ND,MD->NM", a, b)
+
+
+def _closed_form(
+    rm: RewardModel, params, train: PreferenceBatch, unseen: PairBatch, chunk_size: int, vocab_chunk: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(reward before, kernel [n_unseen, 2B]) from Eq. (4) (EX-RM, head) or Eq. (5) (IM-RM, unembedding)."""
+    t = strip(train)
+    train_rows = [t.chosen, t.rejected]
+    before, kern = [], []
+    if isinstance(rm, ExplicitRM):
+        feats = jax.jit(rm.features)
+        f_train = jnp.concatenate([feats(params, b) for b in train_rows])  # [2B, D]
+        for chunk, keep in _chunks(unseen, chunk_size):
+            f_u = feats(params, chunk)
+            before.append(np.asarray(jnp.einsum("ND,D->N", f_u, params["head"]["u"].astype(f_u.dtype)))[:keep])
+            kern.append(np.asarray(_dot_rows(f_u, f_train))[:keep])
+        return np.concatenate(before), np.concatenate(kern)
+
+    lm = rm.lm
+    W = unembedding(params["lm"])
+    cap = lm.config.final_logit_softcap
+    prep = jax.jit(_im_prediction_arrays, static_argnums=0)
+    h_v, tok_v, m_v = (jnp.concatenate(x) for x in zip(*[prep(lm, params["lm"], b) for b in train_rows], strict=True))
+    # pad training sequences to the unseen chunk's length is not needed: kernels are per (unseen, train) pair
+    pair_kernel = jax.vmap(  # over unseen pairs
+        jax.vmap(_im_kernel_pair, in_axes=(None, None, None, 0, 0, 0, None, None, None)),  # over training seqs
+        in_axes=(0, 0, 0, None, None, None, None, None, None),
+    )
+    pair_kernel = jax.jit(pair_kernel, static_argnums=(7, 8))
+    reward = jax.jit(rm.reward)
+    for chunk, keep in _chunks(unseen, chunk_size):
+        h_u, tok_u, m_u = prep(lm, params["lm"], chunk)
+        k = pair_kernel(h_u, tok_u, m_u, h_v, tok_v, m_v, W, cap, vocab_chunk)
+        kern.append(np.asarray(k)[:keep] * rm.beta**2)
+        before.append(np.asarray(reward(params, chunk))[:keep])
+    return np.concatenate(before), np.concatenate(kern)
+
+
+def delta_reward(
+    rm: RewardModel,
+    params,
+    train: PreferenceBatch,
+    unseen: PairBatch,
+    *,
+    params_spec: str = "all",
+    lr: float = 1e-3,
+    optimizer: Optimizer = "sgd",
+    method: Method = "ntk",
+    decompose: bool | None = None,
+    chunk_size: int = 16,
+    vocab_chunk: int = 8192,
+    progress: bool = False,
+) -> DeltaResult:
+    """Predicted Δr of every unseen pair after one step on `train` (paper-spec §3, Eqs. (4), (5)).
+
+    Args:
+      rm: the reward model (`ExplicitRM` or `ImplicitRM`).
+      params: its parameters (see `dynamics.rewards`).
+      train: the training triple(s); the loss is their batch mean, as in training.
+      unseen: the unseen pairs (x̄, ȳ).
+      params_spec: which parameters train (`dynamics.masks`): head | unembed | output | last:K | all | re:PATTERN.
+      lr: learning rate η > 0.
+      optimizer: "sgd" (the paper's analysis) or "adam" (its first step).
+      method: "ntk" (any mask) or "closed_form" (Assumption 1: EX-RM head / IM-RM unembedding, SGD).
+      decompose: also return the kernel terms K(u, y_i±) (one more JVP direction per training response);
+        default: yes for at most 8 training triples.
+      chunk_size: unseen pairs per JVP batch (memory ∝ chunk_size × directions).
+      vocab_chunk: vocabulary chunk of the IM-RM closed form (ρ).
+      progress: show a progress bar over chunks.
+
+    Raises:
+      ConfigError: lr ≤ 0, an unknown option, a mask that selects nothing, or `closed_form` with a mask,
+        optimizer or model it does not cover.
+      DataError: an unseen pair or a training response with no response token.
+    """
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"learning rate must be a finite number > 0, got {lr!r}")
+    if method not in ("ntk", "closed_form"):
+        raise ConfigError(f"unknown method {method!r}; expected ntk or closed_form")
+    if optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"unknown optimizer {optimizer!r}; expected sgd or adam")
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    if isinstance(rm, GenerativeRM):
+        raise ConfigError("Δr is defined for Bradley-Terry reward models (EX-RM, IM-RM), not the EX-GRM")
+    check_nonempty_responses(unseen, "unseen pairs")
+    check_nonempty_responses(train.chosen, "training chosen responses")
+    check_nonempty_responses(train.rejected, "training rejected responses")
+    was_tied = rm.lm.config.tie_embeddings
+    rm, params, spec = prepare(rm, params, params_spec)
+    mask = trainable_mask(rm, params, spec)
+    B = train.batch_size
+    decompose = B <= 8 if decompose is None else decompose
+
+    if method == "closed_form":
+        covered = "head" if isinstance(rm, ExplicitRM) else "unembed"
+        if spec != covered:
+            raise ConfigError(
+                f"closed_form covers Assumption 1 only ({reward_name(rm)}: --params {covered}); "
+                f"got --params {spec!r}: use method ntk"
+            )
+        if optimizer != "sgd":
+            raise ConfigError("closed_form is the SGD step of paper-spec §3; Adam's step needs method ntk")
+        if isinstance(rm, ImplicitRM) and rm.lm.config.final_logit_softcap is not None:
+            raise ConfigError("closed_form (Eq. (5)) assumes logits W h; Gemma 2's final soft-cap needs method ntk")
+
+    r_plus, r_minus = training_rewards(rm, params, train)
+    g = np.asarray(bt_weight(jnp.asarray(r_plus), jnp.asarray(r_minus)))
+    if method == "ntk":
+        before, unit_delta, kern = _ntk(rm, params, mask, train, unseen, optimizer, decompose, chunk_size, progress)
+        delta = lr * unit_delta
+    else:
+        before, kern = _closed_form(rm, params, train, unseen, chunk_size, vocab_chunk)
+        delta = lr * ((kern[:, :B] - kern[:, B:]) @ (g / B))
+    meta = {
+        "reward": reward_name(rm),
+        "beta": getattr(rm, "beta", None),
+        "pooling": getattr(rm, "pooling", None),
+        "params": spec,
+        "n_trained": count_selected(params, mask),
+        "untied": was_tied and not rm.lm.config.tie_embeddings,
+        "method": method,
+        "optimizer": optimizer,
+        "lr": float(lr),
+        "n_train": B,
+        "n_unseen": unseen.batch_size,
+        "chunk_size": chunk_size,
+    }
+    return DeltaResult(
+        delta=np.asarray(delta, np.float64),
+        reward_before=np.asarray(before, np.float64),
+        bt_weight=g.astype(np.float64),
+        train_chosen_reward=r_plus.astype(np.float64),
+        train_rejected_reward=r_minus.astype(np.float64),
+        kernel_chosen=None if kern is None else np.asarray(kern[:, :B], np.float64),
+        kernel_rejected=None if kern is None else np.asarray(kern[:, B:], np.float64),
+        meta=meta,
+    )

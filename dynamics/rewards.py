@@ -1,0 +1,207 @@
+"""Reward models: EX-RM (linear head on a hidden state), IM-RM (β ln π/π_ref, the DPO reward), EX-GRM.
+
+A reward model is a frozen dataclass with `reward(params, batch) -> [B]` (paper-spec §1). Its parameters are a
+pytree with named groups, so that the trainable-parameter masks of `dynamics.masks` can select them:
+
+    EX-RM   {"lm": LM params, "head": {"u": [D]}}
+    IM-RM   {"lm": LM params, "ref": LM params of π_ref (frozen; absent for the reference-free variant)}
+    EX-GRM  {"lm": LM params}
+
+Conventions follow the official code (paper-spec §1, §6): the EX-RM reads the last non-pad token (or the mean
+over response positions, §6.4); the IM-RM sums log-probabilities over the response tokens, including the chat
+template's closing tokens, with no length normalisation, and β = 0.01 by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from dynamics.errors import ConfigError
+from dynamics.models import LM, Params
+from dynamics.text import ExgrmBatch, PairBatch, last_token_index
+
+DEFAULT_BETA = 0.01
+HEAD_INIT_STD = 0.02  # transformers' initializer_range for the `score` head of a sequence classifier
+
+
+def _arrays(batch) -> tuple[Array, Array]:
+    return jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)
+
+
+def token_logprobs(
+    lm: LM, params: Params, tokens: Int[Array, "B T"], attention_mask: Int[Array, "B T"]
+) -> Float[Array, "B T"]:
+    """ln π(tokens[t] | tokens[<t]) at every position t ≥ 1 (position 0 gets 0), accumulated in float32+.
+
+    Position t's probability comes from the hidden state at t − 1 (paper-spec §1: softmax(W h_{x,y<k})).
+    """
+    hidden = lm.forward(params, tokens, attention_mask)
+    logits = lm.unembed(params, hidden[:, :-1])  # predicts tokens[:, 1:]
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    lp = target - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.concatenate([jnp.zeros_like(lp[:, :1]), lp], axis=1)
+
+
+def response_logprob(lm: LM, params: Params, batch: PairBatch) -> Float[Array, " B"]:
+    """ln π(y | x) = Σ over response tokens of ln π(y_k | x, y_<k) (paper-spec §1, summed, not normalised)."""
+    tokens, mask = _arrays(batch)
+    lp = token_logprobs(lm, params, tokens, mask)
+    return jnp.sum(lp * jnp.asarray(batch.response_mask).astype(lp.dtype), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplicitRM:
+    """EX-RM: r(x, y) = ⟨u, h_{x,y}⟩, a bias-free linear head on the final hidden state (paper-spec §1).
+
+    Attributes:
+      lm: the language model.
+      pooling: "last" reads h at the last non-pad token of (x, y) (the template's final token); "mean" averages
+        ⟨u, h_{x,y≤k}⟩ over the response positions (paper-spec §6.4's ablation).
+    """
+
+    lm: LM
+    pooling: Literal["last", "mean"] = "last"
+    kind: str = dataclasses.field(default="ex", init=False)
+
+    def __post_init__(self):
+        if self.pooling not in ("last", "mean"):
+            raise ConfigError(f"EX-RM pooling must be 'last' or 'mean', got {self.pooling!r}")
+
+    def init(self, lm_params: Params, seed: int = 0, std: float = HEAD_INIT_STD) -> Params:
+        """Parameters {"lm", "head"}: the head u ~ N(0, std² I) from `seed` (std = 0 gives u = 0)."""
+        D = self.lm.config.d_model
+        dtype = lm_params["embed"]["embedding"].dtype
+        u = std * jax.random.normal(jax.random.PRNGKey(seed), (D,), dtype=jnp.float32)
+        return {"lm": lm_params, "head": {"u": u.astype(dtype)}}
+
+    def features(self, params: Params, batch: PairBatch) -> Float[Array, "B D"]:
+        """The vector the head reads: h at the last token, or the mean of h over response positions."""
+        tokens, mask = _arrays(batch)
+        hidden = self.lm.forward(params["lm"], tokens, mask)
+        if self.pooling == "last":
+            idx = last_token_index(mask)
+            return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
+        rm = jnp.asarray(batch.response_mask).astype(hidden.dtype)
+        return jnp.einsum("BTD,BT->BD", hidden, rm) / jnp.sum(rm, axis=-1, keepdims=True)
+
+    def reward(self, params: Params, batch: PairBatch) -> Float[Array, " B"]:
+        """r_EX(x, y) for every row (arbitrary units; only differences matter for BT)."""
+        h = self.features(params, batch)
+        return jnp.einsum("BD,D->B", h, params["head"]["u"].astype(h.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class ImplicitRM:
+    """IM-RM: r(x, y) = β (ln π_θ(y|x) − ln π_ref(y|x)), the DPO reward (paper-spec §1).
+
+    Attributes:
+      lm: the language model (π_θ and π_ref share its architecture).
+      beta: β > 0 (the paper's `kl_coeff`, 0.01).
+      reference_free: drop π_ref: r = β ln π_θ(y|x) (paper-spec §6.4's ablation).
+    """
+
+    lm: LM
+    beta: float = DEFAULT_BETA
+    reference_free: bool = False
+    kind: str = dataclasses.field(default="im", init=False)
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ConfigError(f"IM-RM β must be > 0, got {self.beta}")
+
+    def init(self, lm_params: Params, ref_params: Params | None = None) -> Params:
+        """Parameters {"lm", "ref"}: π_ref defaults to the initial model (the same arrays: no copy)."""
+        if self.reference_free:
+            return {"lm": lm_params}
+        return {"lm": lm_params, "ref": lm_params if ref_params is None else ref_params}
+
+    def policy_logprob(self, params: Params, batch: PairBatch) -> Float[Array, " B"]:
+        """ln π_θ(y|x)."""
+        return response_logprob(self.lm, params["lm"], batch)
+
+    def reference_logprob(self, params: Params, batch: PairBatch) -> Float[Array, " B"]:
+        """ln π_ref(y|x), with no gradient (π_ref is frozen); 0 for the reference-free variant."""
+        if self.reference_free:
+            return jnp.zeros(jnp.asarray(batch.tokens).shape[0])
+        return jax.lax.stop_gradient(response_logprob(self.lm, params["ref"], batch))
+
+    def reward(
+        self, params: Params, batch: PairBatch, ref_logprob: Float[Array, " B"] | None = None
+    ) -> Float[Array, " B"]:
+        """r_IM(x, y) for every row. `ref_logprob` may be passed precomputed (it never changes)."""
+        ref = self.reference_logprob(params, batch) if ref_logprob is None else ref_logprob
+        return self.beta * (self.policy_logprob(params, batch) - ref)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerativeRM:
+    """EX-GRM: r(x, y) = π_θ("Yes" | verification prompt), a probability (paper-spec §6.5).
+
+    The input is one user turn "Question: …\\nAnswer: …\\nVerification: Is the answer correct (Yes/No)?" with the
+    generation prompt (`dynamics.text.encode_exgrm`); the reward is read at the last non-pad position.
+
+    Attributes:
+      lm: the language model.
+      yes_id: token id of "Yes".
+      no_id: token id of "No".
+    """
+
+    lm: LM
+    yes_id: int
+    no_id: int
+    kind: str = dataclasses.field(default="exgrm", init=False)
+
+    def init(self, lm_params: Params) -> Params:
+        return {"lm": lm_params}
+
+    def answer_logprobs(self, params: Params, batch: ExgrmBatch) -> Float[Array, "B 2"]:
+        """[ln π("Yes"), ln π("No")] at the last real position."""
+        tokens, mask = _arrays(batch)
+        hidden = self.lm.forward(params["lm"], tokens, mask)
+        h = jnp.take_along_axis(hidden, last_token_index(mask)[:, None, None], axis=1)[:, 0]
+        logits = self.lm.unembed(params["lm"], h)
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        return jnp.stack([lp[:, self.yes_id], lp[:, self.no_id]], axis=-1)
+
+    def reward(self, params: Params, batch: ExgrmBatch) -> Float[Array, " B"]:
+        """π("Yes" | input) ∈ (0, 1)."""
+        return jnp.exp(self.answer_logprobs(params, batch)[:, 0])
+
+    def loss(self, params: Params, chosen: ExgrmBatch, rejected: ExgrmBatch) -> Float[Array, ""]:
+        """Cross-entropy: −mean[ln π("Yes" | x, y+) + ln π("No" | x, y−)] (paper-spec §6.5)."""
+        return -jnp.mean(self.answer_logprobs(params, chosen)[:, 0] + self.answer_logprobs(params, rejected)[:, 1])
+
+
+RewardModel = ExplicitRM | ImplicitRM | GenerativeRM
+
+
+def bt_loss(r_chosen: Float[Array, " B"], r_rejected: Float[Array, " B"]) -> Float[Array, ""]:
+    """Bradley-Terry loss −mean ln σ(r+ − r−) (paper-spec §1; for the IM-RM exactly the DPO loss)."""
+    return -jnp.mean(jax.nn.log_sigmoid(r_chosen - r_rejected))
+
+
+def bt_weight(r_chosen: Float[Array, " B"], r_rejected: Float[Array, " B"]) -> Float[Array, " B"]:
+    """g = σ(r− − r+) ∈ (0, 1): the weight of each triple's gradient in one BT step (paper-spec §3)."""
+    return jax.nn.sigmoid(r_rejected - r_chosen)
+
+
+def make_reward_model(kind: str, lm: LM, **options: Any) -> RewardModel:
+    """ "ex" / "ex-mean" / "im" / "im-noref" → the reward model with those options (β, pooling)."""
+    if kind == "ex":
+        return ExplicitRM(lm, pooling=options.get("pooling", "last"))
+    if kind == "ex-mean":
+        return ExplicitRM(lm, pooling="mean")
+    if kind == "im":
+        return ImplicitRM(
+            lm, beta=options.get("beta", DEFAULT_BETA), reference_free=options.get("reference_free", False)
+        )
+    if kind == "im-noref":
+        return ImplicitRM(lm, beta=options.get("beta", DEFAULT_BETA), reference_free=True)
+    raise ConfigError(f"unknown reward type {kind!r}; expected one of ex, ex-mean, im, im-noref")

@@ -1,0 +1,1117 @@
+"""Training of EX-RM / IM-RM on the Bradley-Terry loss (and EX-GRM on its cross-entropy) with optax.
+
+The common training protocol of paper-spec §6 is the default: Adam (torch's defaults: betas 0.9/0.999,
+eps 1e-8, no weight decay), lr 1e-6, constant, no clipping; β = 0.01; effective batch 32 by gradient
+accumulation (micro-batch × accumulation steps) of the batch-mean loss; evaluation at the end of every epoch.
+
+    result = train(TrainConfig(reward="im", params="last:8", lr=3e-5, epochs=20),
+                   lm, lm_params, train_data, eval_suite, run_dir="runs/x")
+
+Design:
+
+- Which parameters train is a `dynamics.masks` spec. Gradients are taken with respect to the trainable tree
+  alone (`partition` / `combine`), so JAX skips the backward pass through frozen lower blocks.
+- π_ref never changes, so the reference log-probabilities ln π_ref(y|x) of every sequence (training and
+  evaluation) are computed once, before the first step, and cached: one forward pass per step instead of two.
+- The data order of epoch e is a pure function of (seed, e) (`epoch_order`), checkpoints are taken at step
+  boundaries, and nothing depends on the wall clock: a run interrupted (Ctrl-C, SIGKILL) and resumed with
+  `resume=True` ends with the same metrics and parameters, bit for bit, as an uninterrupted run.
+- Sequence lengths are bucketed (T rounded up to a multiple of `bucket`), so a data set of varied lengths
+  compiles a handful of programs; each jitted function counts its traces (`TrainResult.timing["traces"]`).
+- The gradient of a step is Σ_i ∇ℓ_i over its micro-batches divided by the number of rows, so accumulation
+  equals the full-batch step of the batch-mean loss, also for a short last batch.
+
+Run directory:
+
+    config.json        everything needed to reproduce (train config, model, mask, data fingerprints, versions)
+    metrics.jsonl      one JSON object a line: {"event": "train" | "eval", "step", "epoch", ...}
+    summary.json       the final evaluation and the run's totals (written at the end)
+    checkpoints/       step_XXXXXXXX/{state.safetensors, meta.json} and latest.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynamics.errors import ConfigError, DataError
+from dynamics.masks import combine, count_selected, leaf_paths, partition, prepare, trainable_mask
+from dynamics.metrics import PreferenceMetrics, preference_metrics
+from dynamics.models import LM, Params
+from dynamics.rewards import (
+    DEFAULT_BETA,
+    HEAD_INIT_STD,
+    ExplicitRM,
+    GenerativeRM,
+    ImplicitRM,
+    RewardModel,
+    make_reward_model,
+)
+from dynamics.text import ExgrmBatch, PairBatch, PreferenceBatch
+
+__all__ = [
+    "REWARD_KINDS",
+    "EvalSuite",
+    "StepInfo",
+    "TrainConfig",
+    "TrainResult",
+    "batch_plan",
+    "bucket_length",
+    "build_reward_model",
+    "epoch_order",
+    "evaluate",
+    "train",
+]
+
+REWARD_KINDS = ("ex", "ex-mean", "im", "im-noref", "exgrm")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+_CHECKPOINT_FORMAT = 1
+# TrainConfig fields that may change when a run is resumed (they do not change the trajectory before the end).
+RESUMABLE_CHANGES = ("epochs", "max_steps", "checkpoint_every_steps", "keep_checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a training run (paper-spec §6, common training protocol, for the defaults).
+
+    Attributes:
+      reward: "ex" (EX-RM, last token), "ex-mean" (EX-RM, mean over response positions, §6.4), "im" (IM-RM),
+        "im-noref" (IM-RM without π_ref, §6.4) or "exgrm" (EX-GRM, cross-entropy, §6.5).
+      beta: β of the IM-RM (> 0).
+      params: trainable-parameter spec of `dynamics.masks` (head | unembed | output | last:K | all | re:PATTERN).
+      optimizer: "adam" (the paper's AdamW with weight decay 0), "adamw" or "sgd".
+      lr: learning rate (constant).
+      b1: Adam β1.
+      b2: Adam β2.
+      eps: Adam ε (added to the square root of the second moment, as torch does).
+      weight_decay: decoupled weight decay of "adamw" (0 for the paper).
+      epochs: number of passes over the training data.
+      batch_size: effective batch (rows per optimizer step); the loss is the mean over its rows.
+      micro_batch_size: rows per forward/backward pass; must divide batch_size (accumulation steps =
+        batch_size / micro_batch_size).
+      max_steps: stop after this many optimizer steps (0: no limit).
+      seed: seed of the data order; epoch e's order is `epoch_order(seed, e, n)`.
+      head_seed: seed of the EX-RM head's initialization u ~ N(0, head_init_std²).
+      head_init_std: standard deviation of the EX-RM head at initialization (0.02, transformers' default).
+      bucket: sequence lengths are padded up to a multiple of this (shape buckets against recompilation).
+      eval_every_steps: also evaluate every this many steps (0: only at epoch ends).
+      eval_at_start: evaluate before the first step (step 0).
+      eval_batch_size: sequences per forward pass when scoring evaluation sets and reference log-probs.
+      log_every_steps: write a "train" line to metrics.jsonl every this many steps.
+      checkpoint_every_steps: save a checkpoint every this many steps (0: at every epoch end); a checkpoint is
+        also saved at the end and when interrupted by Ctrl-C.
+      keep_checkpoints: how many checkpoints to keep (the newest).
+      tie_tol: a pair is a tie when |r+ − r−| ≤ tie_tol (recorded with every metric).
+    """
+
+    reward: str = "im"
+    beta: float = DEFAULT_BETA
+    params: str = "all"
+    optimizer: str = "adam"
+    lr: float = 1e-6
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    epochs: int = 1
+    batch_size: int = 32
+    micro_batch_size: int = 32
+    max_steps: int = 0
+    seed: int = 0
+    head_seed: int = 0
+    head_init_std: float = HEAD_INIT_STD
+    bucket: int = 16
+    eval_every_steps: int = 0
+    eval_at_start: bool = True
+    eval_batch_size: int = 32
+    log_every_steps: int = 1
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 1
+    tie_tol: float = 0.0
+
+    def __post_init__(self):
+        if self.reward not in REWARD_KINDS:
+            raise ConfigError(f"reward must be one of {', '.join(REWARD_KINDS)}; got {self.reward!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        positive = ("batch_size", "micro_batch_size", "bucket", "eval_batch_size", "log_every_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        for name in ("epochs", "max_steps", "seed", "head_seed", "eval_every_steps", "checkpoint_every_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
+        if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int):
+            raise ConfigError(f"keep_checkpoints must be an int >= 1, got {self.keep_checkpoints!r}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be an int >= 1, got {self.keep_checkpoints!r}")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size} "
+                "(effective batch = micro-batch × accumulation steps)"
+            )
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta!r}")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps >= 0):
+            raise ConfigError(f"need 0 <= b1, b2 < 1 and eps >= 0; got b1={self.b1}, b2={self.b2}, eps={self.eps}")
+        if self.weight_decay < 0 or (self.weight_decay and self.optimizer != "adamw"):
+            raise ConfigError(f"weight_decay={self.weight_decay} needs optimizer='adamw' and a value >= 0")
+        if not self.tie_tol >= 0 or not self.head_init_std >= 0:
+            raise ConfigError("tie_tol and head_init_std must be >= 0")
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step."""
+        return self.batch_size // self.micro_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """The inverse of `to_dict`; an unknown key is a ConfigError naming the valid keys."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig keys {unknown}; valid keys: {', '.join(names)}")
+        return cls(**data)
+
+
+def make_optimizer(config: TrainConfig) -> Any:
+    """The optax transformation of `config` (constant learning rate, no clipping: paper-spec §6)."""
+    import optax
+
+    if config.optimizer == "sgd":
+        return optax.sgd(config.lr)
+    if config.optimizer == "adamw":
+        return optax.adamw(config.lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
+    return optax.adam(config.lr, b1=config.b1, b2=config.b2, eps=config.eps)
+
+
+def build_reward_model(
+    config: TrainConfig, lm: LM, lm_params: Params, *, answer_ids: tuple[int, int] | None = None
+) -> tuple[RewardModel, Params, str]:
+    """The reward model of `config.reward`, its initial parameters and the normalized mask spec.
+
+    The EX-RM head is drawn from `config.head_seed`; the IM-RM's π_ref is the initial model; a spec that
+    trains the unembedding apart from the input embedding unties it (`dynamics.masks.prepare`).
+
+    Args:
+      config: the training configuration.
+      lm: the language model.
+      lm_params: its parameters.
+      answer_ids: (yes_id, no_id) for EX-GRM (`dynamics.text.exgrm_answer_ids`).
+
+    Returns:
+      (reward model, parameters, normalized spec).
+    """
+    if config.reward == "exgrm":
+        if answer_ids is None:
+            raise ConfigError("reward='exgrm' needs answer_ids=(yes_id, no_id) (dynamics.text.exgrm_answer_ids)")
+        rm: RewardModel = GenerativeRM(lm, *answer_ids)
+        params = rm.init(lm_params)
+    else:
+        rm = make_reward_model(config.reward, lm, beta=config.beta)
+        if isinstance(rm, ExplicitRM):
+            params = rm.init(lm_params, seed=config.head_seed, std=config.head_init_std)
+        else:
+            params = rm.init(lm_params)
+    return prepare(rm, params, config.params)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation sets
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSuite:
+    """What to evaluate: named sets of sequences, and comparisons between row-aligned sets.
+
+    Scoring each distinct sequence once and comparing sets afterwards lets one response set take part in many
+    comparisons (Persona's 2×2 paraphrase combinations share their four response sets, paper-spec §6.2).
+
+    Attributes:
+      sequences: name → `PairBatch` (EX-RM, IM-RM) or `ExgrmBatch` (EX-GRM): the sequences to score.
+      comparisons: metric name → (chosen set, rejected set); row i of one is compared with row i of the other.
+      averages: name → comparison names whose metrics are averaged (e.g. over the paraphrase combinations).
+    """
+
+    sequences: Mapping[str, Any]
+    comparisons: Mapping[str, tuple[str, str]]
+    averages: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_preferences(cls, sets: Mapping[str, PreferenceBatch]) -> EvalSuite:
+        """One comparison per preference set: "<name>" compares "<name>/chosen" with "<name>/rejected"."""
+        sequences, comparisons = {}, {}
+        for name, batch in sets.items():
+            sequences[f"{name}/chosen"] = batch.chosen
+            sequences[f"{name}/rejected"] = batch.rejected
+            comparisons[name] = (f"{name}/chosen", f"{name}/rejected")
+        return cls(sequences, comparisons)
+
+    def validate(self) -> None:
+        """Raises DataError for an empty set, an unknown name or comparisons of sets of different sizes."""
+        for name, batch in self.sequences.items():
+            if batch is None or _rows(batch) == 0:
+                raise DataError(f"evaluation set {name!r} has no rows")
+        for name, (a, b) in self.comparisons.items():
+            for side in (a, b):
+                if side not in self.sequences:
+                    raise DataError(
+                        f"comparison {name!r} names the unknown set {side!r}; sets: {sorted(self.sequences)}"
+                    )
+            if _rows(self.sequences[a]) != _rows(self.sequences[b]):
+                raise DataError(
+                    f"comparison {name!r}: {a!r} has {_rows(self.sequences[a])} rows but {b!r} has "
+                    f"{_rows(self.sequences[b])}"
+                )
+        for name, members in self.averages.items():
+            missing = [m for m in members if m not in self.comparisons]
+            if missing or not members:
+                raise DataError(f"average {name!r} names unknown comparisons {missing or '(none)'}")
+
+
+def _rows(batch: Any) -> int:
+    return int(np.asarray(batch.tokens).shape[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small pure functions: order, batching, bucketing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of the n training rows in epoch `epoch`: a pure function of (seed, epoch).
+
+    Returns:
+      int64 [n], a permutation of range(n) from numpy's PCG64 seeded with SeedSequence([seed, epoch]).
+    """
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch])).permutation(n)
+
+
+def batch_plan(order: np.ndarray, batch_size: int, micro_batch_size: int) -> list[list[np.ndarray]]:
+    """Steps of micro-batches: consecutive `batch_size` rows of `order`, each cut into micro-batches.
+
+    The last step may be short (the last rows of the epoch), as with a PyTorch DataLoader that keeps its last
+    batch; its loss is still the mean over its own rows.
+
+    Returns:
+      A list (one per optimizer step) of lists of row-index arrays (one per micro-batch).
+    """
+    steps = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        steps.append([rows[m : m + micro_batch_size] for m in range(0, len(rows), micro_batch_size)])
+    return steps
+
+
+def bucket_length(longest: int, bucket: int, limit: int) -> int:
+    """`longest` rounded up to a multiple of `bucket`, but never past `limit` (the padded array's T)."""
+    return min(-(-longest // bucket) * bucket, limit)
+
+
+def _padding_side(mask: np.ndarray) -> str:
+    """'right' if every row starts with a real token, 'left' if every row ends with one."""
+    if mask.shape[1] == 0 or bool(np.all(mask[:, 0] == 1)):
+        return "right"
+    if bool(np.all(mask[:, -1] == 1)):
+        return "left"
+    raise DataError("a batch must be padded on one side only (right or left)")
+
+
+def _fields(batch: Any) -> dict[str, np.ndarray]:
+    """The array fields of a PairBatch / ExgrmBatch as host numpy arrays (static fields stripped)."""
+    out = {"tokens": np.asarray(batch.tokens), "attention_mask": np.asarray(batch.attention_mask)}
+    if getattr(batch, "response_mask", None) is not None:
+        out["response_mask"] = np.asarray(batch.response_mask)
+    return out
+
+
+def take_rows(fields: Sequence[Mapping[str, np.ndarray]], rows: np.ndarray, bucket: int) -> list[dict[str, np.ndarray]]:
+    """Rows `rows` of each array set, cut to one common bucketed length T (the padding side is kept).
+
+    Args:
+      fields: array sets of the same padded length (e.g. chosen and rejected).
+      rows: row indices.
+      bucket: T is the longest selected sequence rounded up to a multiple of this.
+
+    Returns:
+      The selected rows of each set, all with the same T.
+    """
+    full = fields[0]["tokens"].shape[1]
+    sides = [_padding_side(f["attention_mask"]) for f in fields]
+    longest = max(int(f["attention_mask"][rows].sum(axis=1).max()) for f in fields)
+    T = bucket_length(longest, bucket, full)
+    out = []
+    for f, side in zip(fields, sides, strict=True):
+        cut = slice(0, T) if side == "right" else slice(full - T, full)
+        out.append({k: v[rows][:, cut] for k, v in f.items()})
+    return out
+
+
+def _concat(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([a[k], b[k]], axis=0) for k in a}
+
+
+def _as_batch(fields: Mapping[str, Any]) -> Any:
+    if "response_mask" in fields:
+        return PairBatch(fields["tokens"], fields["attention_mask"], fields["response_mask"])
+    return ExgrmBatch(fields["tokens"], fields["attention_mask"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The jitted functions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _pair_losses(rm: RewardModel, params: Params, both: Mapping[str, Any], ref: Any, b: int):
+    """Per-row losses ℓ_i and rewards (r+, r−) of b pairs whose chosen rows come first in `both` [2b, T].
+
+    BT (paper-spec §1): ℓ_i = −ln σ(r(x_i,y_i+) − r(x_i,y_i−)). EX-GRM (paper-spec §6.5): ℓ_i =
+    −½ [ln π(Yes | x_i, y_i+) + ln π(No | x_i, y_i−)], so that the batch mean is the official code's mean over
+    the 2b concatenated sequences.
+    """
+    batch = _as_batch(both)
+    if isinstance(rm, GenerativeRM):
+        lp = rm.answer_logprobs(params, batch)
+        losses = -0.5 * (lp[:b, 0] + lp[b:, 1])
+        rewards = jnp.exp(lp[:, 0])
+    else:
+        rewards = rm.reward(params, batch, ref_logprob=ref) if isinstance(rm, ImplicitRM) else rm.reward(params, batch)
+        losses = -jax.nn.log_sigmoid(rewards[:b] - rewards[b:])
+    return losses, rewards[:b], rewards[b:]
+
+
+class _Compiled:
+    """The jitted micro-step, update and scoring functions of one run, with a trace counter each."""
+
+    def __init__(self, rm: RewardModel, tx: Any):
+        import optax
+
+        self.rm = rm
+        self.tx = tx
+        self.traces: dict[str, int] = {"micro_step": 0, "apply": 0, "score": 0, "ref_logprob": 0}
+
+        def micro_step(train, frozen, acc, both, ref):
+            self.traces["micro_step"] += 1
+            b = both["tokens"].shape[0] // 2
+
+            def total(t):
+                losses, rc, rr = _pair_losses(rm, combine(t, frozen), both, ref, b)
+                return jnp.sum(losses), (losses, rc, rr)
+
+            (_, (losses, rc, rr)), grads = jax.value_and_grad(total, has_aux=True)(train)
+            acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
+            wins = jnp.sum((rc > rr).astype(jnp.float32)) + 0.5 * jnp.sum((rc == rr).astype(jnp.float32))
+            return acc, jnp.sum(losses), wins
+
+        def apply(train, opt_state, acc, n):
+            self.traces["apply"] += 1
+            grads = jax.tree.map(lambda g: g / n.astype(g.dtype), acc)
+            updates, opt_state = tx.update(grads, opt_state, train)
+            return optax.apply_updates(train, updates), opt_state, optax.tree.norm(grads)
+
+        def score(params, fields, ref):
+            self.traces["score"] += 1
+            batch = _as_batch(fields)
+            if isinstance(rm, ImplicitRM):
+                return rm.reward(params, batch, ref_logprob=ref)
+            return rm.reward(params, batch)
+
+        def ref_logprob(lm_params, fields):
+            self.traces["ref_logprob"] += 1
+            return rm.policy_logprob({"lm": lm_params}, _as_batch(fields))
+
+        self.micro_step = jax.jit(micro_step, donate_argnums=(2,))
+        self.apply = jax.jit(apply)
+        self.score = jax.jit(score)
+        self.ref_logprob = jax.jit(ref_logprob)
+        self.zeros = jax.jit(lambda t: jax.tree.map(jnp.zeros_like, t))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_for(rm: RewardModel, optimizer: tuple[Any, ...]) -> _Compiled:
+    """The jitted functions of a reward model and optimizer, shared by the runs of one process."""
+    config = TrainConfig(**dict(optimizer))
+    return _Compiled(rm, make_optimizer(config))
+
+
+def _optimizer_key(config: TrainConfig) -> tuple[Any, ...]:
+    fields = ("optimizer", "lr", "b1", "b2", "eps", "weight_decay")
+    return tuple((f, getattr(config, f)) for f in fields)
+
+
+def _chunks(n: int, size: int) -> list[np.ndarray]:
+    return [np.arange(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _reference_logprobs(compiled: _Compiled, ref_params: Params | None, fields: Mapping[str, np.ndarray], config):
+    """ln π_ref(y|x) of every row, float32 [n], in evaluation-sized chunks (0 for the reference-free IM-RM)."""
+    n = fields["tokens"].shape[0]
+    if ref_params is None:
+        return np.zeros(n, np.float32)
+    out = [
+        np.asarray(compiled.ref_logprob(ref_params, take_rows([fields], idx, config.bucket)[0]))
+        for idx in _chunks(n, config.eval_batch_size)
+    ]
+    return np.concatenate(out).astype(np.float32)
+
+
+def _score_set(compiled: _Compiled, params: Params, fields, ref: np.ndarray | None, config) -> np.ndarray:
+    """The reward of every row of one sequence set, float64 [n] (same chunks as `_reference_logprobs`)."""
+    out = []
+    for idx in _chunks(fields["tokens"].shape[0], config.eval_batch_size):
+        chunk = take_rows([fields], idx, config.bucket)[0]
+        out.append(np.asarray(compiled.score(params, chunk, None if ref is None else ref[idx])))
+    return np.concatenate(out).astype(np.float64)
+
+
+def _bt_loss(r_chosen: np.ndarray, r_rejected: np.ndarray) -> float:
+    """−mean ln σ(r+ − r−), in float64 (the evaluation loss of every reward type, as the official code logs)."""
+    return float(np.mean(np.logaddexp(0.0, -(r_chosen - r_rejected))))
+
+
+def _metric_dict(m: PreferenceMetrics, loss: float, prefix: str) -> dict[str, float]:
+    out = m.as_trl_dict(prefix)
+    out[prefix + "loss"] = loss
+    return out
+
+
+def evaluate_rewards(rewards: Mapping[str, np.ndarray], suite: EvalSuite, tie_tol: float = 0.0) -> dict[str, float]:
+    """Metrics of every comparison and average of `suite`, from the rewards of its sequence sets.
+
+    Returns:
+      A flat dict: "<comparison>/rewards/accuracies" (ties ½), ".../accuracy_strict", ".../margins",
+      ".../normalized_margin", ".../chosen", ".../rejected", ".../ties", "<comparison>/loss" (BT loss of the
+      rewards); the same names for each average (the mean of its members' values); and
+      "reward_mean/<set>" for each sequence set.
+    """
+    out: dict[str, float] = {}
+    per: dict[str, dict[str, float]] = {}
+    for name, (a, b) in suite.comparisons.items():
+        m = preference_metrics(rewards[a], rewards[b], tie_tol=tie_tol)
+        per[name] = _metric_dict(m, _bt_loss(rewards[a], rewards[b]), "")
+        out.update({f"{name}/{k}": v for k, v in per[name].items()})
+    for name, members in suite.averages.items():
+        for k in per[members[0]]:
+            out[f"{name}/{k}"] = float(np.mean([per[m][k] for m in members]))
+    for name, r in rewards.items():
+        out[f"reward_mean/{name}"] = float(np.mean(r))
+    return out
+
+
+def evaluate(
+    compiled: _Compiled, params: Params, suite: EvalSuite, ref_cache: Mapping[str, np.ndarray | None], config
+) -> dict[str, float]:
+    """Scores every sequence set of `suite` and returns `evaluate_rewards`' metrics."""
+    rewards = {
+        name: _score_set(compiled, params, _fields(batch), ref_cache.get(name), config)
+        for name, batch in suite.sequences.items()
+    }
+    return evaluate_rewards(rewards, suite, config.tie_tol)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What a callback sees after each optimizer step (all numbers already logged).
+
+    Attributes:
+      step: optimizer steps done.
+      epoch: index of the epoch the step belongs to.
+      loss: the step's batch-mean training loss (before the update).
+      accuracy: the step's training accuracy (ties ½, before the update).
+      eval: the evaluation made at this step, if any.
+    """
+
+    step: int
+    epoch: int
+    loss: float
+    accuracy: float
+    eval: Mapping[str, float] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """The outcome of `train`.
+
+    Attributes:
+      config: the training configuration.
+      run_dir: where the files are (None when nothing was written).
+      steps: optimizer steps done.
+      epochs: epochs done (fractional when stopped by max_steps).
+      final_eval: the last evaluation's metrics (`evaluate_rewards` names).
+      history: every line of the metrics log, in order (train and eval events).
+      resumed_from_step: the checkpoint step this process started from (None: a fresh run).
+      n_trainable: number of trained scalars.
+      timing: seconds spent and trace counts (never part of the metrics; not reproducible).
+      params: the final parameters (not serialized).
+    """
+
+    config: TrainConfig
+    run_dir: str | None
+    steps: int
+    epochs: float
+    final_eval: Mapping[str, float]
+    history: tuple[Mapping[str, Any], ...]
+    resumed_from_step: int | None
+    n_trainable: int
+    timing: Mapping[str, Any]
+    params: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (without the parameters and the history, which metrics.jsonl holds)."""
+        return {
+            "config": self.config.to_dict(),
+            "run_dir": self.run_dir,
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "final_eval": dict(self.final_eval),
+            "resumed_from_step": self.resumed_from_step,
+            "n_trainable": self.n_trainable,
+            "timing": dict(self.timing),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(_jsonable(self.to_dict()), indent=1, allow_nan=False)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: atomic writes, checkpoints
+# ----------------------------------------------------------------------------------------------------------
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` through a temporary file in the same directory and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """`data` as indented JSON (non-finite floats as strings), written atomically."""
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=1, allow_nan=False) + "\n")
+
+
+def _key_str(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return {"/".join(_key_str(k) for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _unflat(template: Any, arrays: Mapping[str, np.ndarray], where: str) -> Any:
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    leaves = []
+    for path, leaf in paths:
+        key = "/".join(_key_str(k) for k in path)
+        if key not in arrays:
+            raise ConfigError(f"{where}: the checkpoint lacks {key!r} (was it written with another mask or model?)")
+        value = arrays[key]
+        if value.shape != np.shape(leaf) or value.dtype != np.asarray(leaf).dtype:
+            raise ConfigError(
+                f"{where}: {key!r} is {value.dtype}{list(value.shape)} in the checkpoint but "
+                f"{np.asarray(leaf).dtype}{list(np.shape(leaf))} here"
+            )
+        leaves.append(jnp.asarray(value))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _tree_sha256(tree: Any) -> str:
+    h = hashlib.sha256()
+    for key, leaf in sorted(_flat(tree).items()):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{key}:{a.dtype}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _fields_sha256(fields: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(fields):
+        a = np.ascontiguousarray(fields[k])
+        h.update(f"{k}:{a.dtype}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(run_dir: Path, state: Mapping[str, Any], meta: Mapping[str, Any], keep: int) -> Path:
+    """Writes checkpoints/step_XXXXXXXX/{state.safetensors, meta.json}, then points latest.json at it.
+
+    The step directory is written under a temporary name and renamed, and latest.json is replaced atomically,
+    so a kill at any moment leaves the previous checkpoint usable.
+    """
+    from safetensors.numpy import save_file
+
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{int(meta['step']):08d}"
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        save_file(
+            {k: np.ascontiguousarray(np.asarray(v)) for k, v in _flat(state).items()}, str(tmp / "state.safetensors")
+        )
+        atomic_write_json(tmp / "meta.json", meta)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_json(root / "latest.json", {"checkpoint": name, "step": int(meta["step"])})
+    for old in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))[:-keep]:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """(arrays, meta) of the checkpoint latest.json points at, or None when the run has none."""
+    from safetensors.numpy import load_file
+
+    latest = run_dir / "checkpoints" / "latest.json"
+    if not latest.exists():
+        return None
+    name = json.loads(latest.read_text())["checkpoint"]
+    folder = run_dir / "checkpoints" / name
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("format") != _CHECKPOINT_FORMAT:
+        raise ConfigError(f"{folder}: checkpoint format {meta.get('format')} is not {_CHECKPOINT_FORMAT}")
+    return load_file(str(folder / "state.safetensors")), meta
+
+
+def _truncate_log(path: Path, n_lines: int) -> list[dict[str, Any]]:
+    """Keeps the first n_lines lines of the metrics log (rewritten atomically) and returns them parsed."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
+    if len(lines) < n_lines:
+        raise ConfigError(f"{path} has {len(lines)} lines but the checkpoint recorded {n_lines}")
+    kept = lines[:n_lines]
+    atomic_write_text(path, "".join(kept))
+    return [json.loads(line) for line in kept]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_train_data(data: PreferenceBatch, kind: str) -> dict[str, dict[str, np.ndarray]]:
+    chosen, rejected = _fields(data.chosen), _fields(data.rejected)
+    n = chosen["tokens"].shape[0]
+    if n == 0:
+        raise DataError("the training set has no rows")
+    if rejected["tokens"].shape != chosen["tokens"].shape:
+        raise DataError(
+            f"training chosen and rejected arrays differ in shape: {chosen['tokens'].shape} vs "
+            f"{rejected['tokens'].shape}"
+        )
+    needs_response = kind != "exgrm"
+    if needs_response != ("response_mask" in chosen):
+        what = "PairBatch (with response_mask)" if needs_response else "ExgrmBatch"
+        raise DataError(f"reward {kind!r} trains on {what} sequences")
+    return {"chosen": chosen, "rejected": rejected}
+
+
+def _check_resume(run_dir: Path, record: Mapping[str, Any]) -> None:
+    """A resumed run must have the same configuration, model, mask and data (RESUMABLE_CHANGES aside)."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    diffs = []
+    for section in ("model", "mask", "data", "reward_model"):
+        if _jsonable(saved.get(section)) != _jsonable(record.get(section)):
+            diffs.append(section)
+    old, new = saved.get("train", {}), record["train"]
+    diffs += [
+        f"train.{k}" for k in sorted(set(old) | set(new)) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
+    ]
+    if diffs:
+        raise ConfigError(
+            f"{run_dir}: cannot resume: {', '.join(diffs)} differ from the run's config.json (only "
+            f"{', '.join(RESUMABLE_CHANGES)} may change); use another output directory"
+        )
+
+
+def train(
+    config: TrainConfig,
+    lm: LM,
+    lm_params: Params,
+    train_data: PreferenceBatch,
+    eval_suite: EvalSuite | None = None,
+    *,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    answer_ids: tuple[int, int] | None = None,
+    model_info: Mapping[str, Any] | None = None,
+    data_info: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    progress: bool = True,
+) -> TrainResult:
+    """Trains a reward model (paper-spec §6, common training protocol) and evaluates it along the way.
+
+    Every input is checked before the first step. Evaluations happen at step 0 (if `eval_at_start`), at every
+    epoch end, every `eval_every_steps` steps, and at the last step.
+
+    Args:
+      config: the options.
+      lm: the language model.
+      lm_params: its initial parameters (π_ref for an IM-RM).
+      train_data: the training triples; `chosen`/`rejected` are `PairBatch` (EX-RM, IM-RM) or `ExgrmBatch`
+        (EX-GRM) with the same padded shape.
+      eval_suite: what to evaluate (None: nothing; use `EvalSuite.from_preferences` for plain sets).
+      run_dir: where to write config.json, metrics.jsonl, summary.json and checkpoints (None: write nothing).
+      resume: continue from the run directory's latest checkpoint (a fresh start if it has none).
+      answer_ids: (yes_id, no_id) for EX-GRM.
+      model_info: the model's description (`Loaded.describe()`), recorded in config.json.
+      data_info: how the data was built (experiment options), recorded in config.json.
+      callbacks: called with a `StepInfo` after each optimizer step (after its logging, evaluation and
+        checkpoint); an exception they raise stops training (KeyboardInterrupt first saves a checkpoint).
+      progress: show a tqdm progress bar with the loss and accuracy.
+
+    Returns:
+      A `TrainResult`.
+
+    Raises:
+      DataError: empty training data, an empty or malformed evaluation set.
+      ConfigError: bad options, a run directory that already holds a run (without `resume`), or a resumed
+        run whose configuration differs.
+    """
+    t_start = time.perf_counter()
+    suite = eval_suite if eval_suite is not None else EvalSuite({}, {})
+    data = _check_train_data(train_data, config.reward)
+    suite.validate()
+    for name, batch in suite.sequences.items():
+        if (config.reward == "exgrm") == ("response_mask" in _fields(batch)):
+            raise DataError(f"evaluation set {name!r}: wrong sequence type for reward {config.reward!r}")
+    run_path = Path(run_dir) if run_dir is not None else None
+    if resume and run_path is None:
+        raise ConfigError("resume=True needs a run_dir")
+    if run_path is not None and not resume and (run_path / "config.json").exists():
+        raise ConfigError(f"{run_path} already holds a run (config.json); pass resume=True or use another directory")
+
+    import optax  # noqa: F401  (fail early if missing)
+
+    rm, params, spec = build_reward_model(config, lm, lm_params, answer_ids=answer_ids)
+    mask = trainable_mask(rm, params, spec)
+    train_tree, frozen = partition(params, mask)
+    ref_params = params.get("ref") if isinstance(rm, ImplicitRM) and not rm.reference_free else None
+    # The step never reads π_ref (its log-probs are cached): keep it out of the traced trees.
+    train_tree = {k: v for k, v in train_tree.items() if k != "ref"}
+    frozen = {k: v for k, v in frozen.items() if k != "ref"}
+    compiled = _compiled_for(rm, _optimizer_key(config))
+    tx = compiled.tx
+    traces_before = dict(compiled.traces)
+
+    n = data["chosen"]["tokens"].shape[0]
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+
+    record = {
+        "train": config.to_dict(),
+        "reward_model": {"kind": config.reward, "class": type(rm).__name__, **_rm_options(rm)},
+        "model": dict(model_info) if model_info is not None else {"config": dataclasses.asdict(lm.config)},
+        "mask": {
+            "spec": spec,
+            "n_trainable": count_selected(params, mask),
+            "n_total": int(sum(np.size(x) for k, x in _flat(params).items() if not k.startswith("ref/"))),
+            "trainable": [p for p, m in zip(leaf_paths(params), jax.tree.leaves(mask), strict=True) if m],
+            "untied": not rm.lm.config.tie_embeddings and lm.config.tie_embeddings,
+        },
+        "data": {
+            "info": dict(data_info) if data_info is not None else None,
+            "n_train": n,
+            "train_sha256": {side: _fields_sha256(f) for side, f in data.items()},
+            "eval_sets": {
+                k: {"rows": _rows(v), "sha256": _fields_sha256(_fields(v))} for k, v in suite.sequences.items()
+            },
+            "comparisons": {k: list(v) for k, v in suite.comparisons.items()},
+            "averages": {k: list(v) for k, v in suite.averages.items()},
+        },
+        "initial_params_sha256": _tree_sha256({k: v for k, v in params.items() if k != "ref"}),
+        "steps_per_epoch": steps_per_epoch,
+        "versions": _versions(),
+    }
+
+    # State: everything a checkpoint restores.
+    opt_state = tx.init(train_tree)
+    step, epoch, step_in_epoch, last_eval_step, last_ckpt_step = 0, 0, 0, -1, -1
+    history: list[dict[str, Any]] = []
+    resumed_from = None
+    log_path = run_path / "metrics.jsonl" if run_path is not None else None
+    if run_path is not None:
+        if resume:
+            _check_resume(run_path, record)
+        loaded = load_checkpoint(run_path) if resume else None
+        if loaded is not None:
+            arrays, meta = loaded
+            where = f"{run_path}/checkpoints/step_{meta['step']:08d}"
+            restored = _unflat({"params": train_tree, "opt_state": opt_state}, arrays, where)
+            train_tree, opt_state = restored["params"], restored["opt_state"]
+            step, epoch, step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
+            last_eval_step, last_ckpt_step = meta["last_eval_step"], meta["step"]
+            history = _truncate_log(log_path, meta["log_lines"])
+            resumed_from = step
+        elif log_path.exists():
+            log_path.unlink()
+        if (run_path / "summary.json").exists() and loaded is None:
+            (run_path / "summary.json").unlink()
+        atomic_write_json(run_path / "config.json", record)
+
+    t_ref = time.perf_counter()
+    ref_train = {side: _reference_logprobs(compiled, ref_params, f, config) for side, f in data.items()}
+    ref_eval = {
+        name: (_reference_logprobs(compiled, ref_params, _fields(b), config) if isinstance(rm, ImplicitRM) else None)
+        for name, b in suite.sequences.items()
+    }
+    if not isinstance(rm, ImplicitRM):
+        ref_train = {"chosen": None, "rejected": None}
+    t_ref = time.perf_counter() - t_ref
+
+    def log(entry: dict[str, Any]) -> None:
+        history.append(entry)
+        if log_path is not None:
+            with open(log_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(_jsonable(entry), allow_nan=False) + "\n")
+
+    def checkpoint() -> None:
+        nonlocal last_ckpt_step
+        if run_path is None or last_ckpt_step == step:
+            return
+        meta = {
+            "format": _CHECKPOINT_FORMAT,
+            "step": step,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "last_eval_step": last_eval_step,
+            "log_lines": len(history),
+            "rng": {"kind": "numpy PCG64(SeedSequence([seed, epoch]))", "seed": config.seed, "epoch": epoch},
+            "data_order": epoch_order(config.seed, epoch, n).tolist(),
+            "config": config.to_dict(),
+        }
+        save_checkpoint(run_path, {"params": train_tree, "opt_state": opt_state}, meta, config.keep_checkpoints)
+        last_ckpt_step = step
+
+    def full_params():
+        return combine(train_tree, frozen)
+
+    def eval_due() -> bool:
+        return (
+            (step == 0 and config.eval_at_start)
+            or (step > 0 and step_in_epoch == steps_per_epoch)
+            or (step > 0 and config.eval_every_steps > 0 and step % config.eval_every_steps == 0)
+            or step == total_steps
+        )
+
+    def checkpoint_due() -> bool:
+        if step == 0:
+            return False
+        if config.checkpoint_every_steps:
+            return step % config.checkpoint_every_steps == 0 or step == total_steps
+        return step_in_epoch == steps_per_epoch or step == total_steps
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=min(step, total_steps), desc="train", disable=not progress, leave=True)
+    t_steps, t_eval, n_steps_here = 0.0, 0.0, 0
+    last: dict[str, Any] = {}
+    plan: list[list[np.ndarray]] = []
+    plan_epoch = -1
+    try:
+        just_stepped = False
+        while True:
+            evaluation = None
+            if suite.comparisons and eval_due() and last_eval_step != step:
+                t0 = time.perf_counter()
+                evaluation = evaluate(compiled, full_params(), suite, ref_eval, config)
+                t_eval += time.perf_counter() - t0
+                log(
+                    {
+                        "event": "eval",
+                        "step": step,
+                        "epoch": _epochs_done(step, epoch, step_in_epoch, steps_per_epoch),
+                        **evaluation,
+                    }
+                )
+                last_eval_step = step
+                if progress:
+                    bar.write(_eval_line(step, evaluation, suite))
+            if checkpoint_due():
+                checkpoint()
+            if just_stepped:
+                info = StepInfo(step, epoch, last["loss"], last["accuracy"], evaluation)
+                for callback in callbacks:
+                    callback(info)
+                just_stepped = False
+            if step >= total_steps:
+                break
+            if step_in_epoch == steps_per_epoch:
+                epoch, step_in_epoch = epoch + 1, 0
+            if plan_epoch != epoch:
+                plan = batch_plan(epoch_order(config.seed, epoch, n), config.batch_size, config.micro_batch_size)
+                plan_epoch = epoch
+            t0 = time.perf_counter()
+            micro_batches = plan[step_in_epoch]
+            new_train, new_opt, stats = _one_step(
+                compiled, train_tree, frozen, opt_state, micro_batches, data, ref_train, config
+            )
+            train_tree, opt_state = new_train, new_opt
+            step, step_in_epoch = step + 1, step_in_epoch + 1
+            t_steps += time.perf_counter() - t0
+            n_steps_here += 1
+            last = stats
+            if step % config.log_every_steps == 0 or step == total_steps:
+                log(
+                    {
+                        "event": "train",
+                        "step": step,
+                        "epoch": _epochs_done(step, epoch, step_in_epoch, steps_per_epoch),
+                        **stats,
+                    }
+                )
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.3f}", refresh=False)
+            just_stepped = True
+    except KeyboardInterrupt:
+        checkpoint()
+        bar.close()
+        raise
+    bar.close()
+
+    final_eval = next((h for h in reversed(history) if h["event"] == "eval"), {})
+    final_eval = {k: v for k, v in final_eval.items() if k not in ("event", "step", "epoch")}
+    timing = {
+        "total_s": time.perf_counter() - t_start,
+        "reference_logprobs_s": t_ref,
+        "train_steps_s": t_steps,
+        "steps_this_process": n_steps_here,
+        "mean_step_s": t_steps / n_steps_here if n_steps_here else None,
+        "eval_s": t_eval,
+        "traces": {k: v - traces_before[k] for k, v in compiled.traces.items()},
+    }
+    result = TrainResult(
+        config=config,
+        run_dir=str(run_path) if run_path is not None else None,
+        steps=step,
+        epochs=_epochs_done(step, epoch, step_in_epoch, steps_per_epoch),
+        final_eval=final_eval,
+        history=tuple(history),
+        resumed_from_step=resumed_from,
+        n_trainable=record["mask"]["n_trainable"],
+        timing=timing,
+        params=full_params(),
+    )
+    if run_path is not None:
+        atomic_write_json(run_path / "summary.json", result.to_dict())
+    return result
+
+
+def _one_step(compiled, train_tree, frozen, opt_state, micro_batches, data, ref_train, config):
+    """One optimizer step: Σ of per-row gradients over the micro-batches, divided by the rows, then the update."""
+    acc = compiled.zeros(train_tree)
+    loss_sum, wins, rows = 0.0, 0.0, 0
+    for idx in micro_batches:
+        chosen, rejected = take_rows([data["chosen"], data["rejected"]], idx, config.bucket)
+        ref = None
+        if ref_train["chosen"] is not None:
+            ref = np.concatenate([ref_train["chosen"][idx], ref_train["rejected"][idx]])
+        acc, l_sum, w_sum = compiled.micro_step(train_tree, frozen, acc, _concat(chosen, rejected), ref)
+        loss_sum, wins, rows = loss_sum + l_sum, wins + w_sum, rows + len(idx)
+    new_train, new_opt, gnorm = compiled.apply(train_tree, opt_state, acc, jnp.asarray(rows, jnp.float32))
+    stats = {
+        "loss": float(loss_sum) / rows,
+        "accuracy": float(wins) / rows,
+        "grad_norm": float(gnorm),
+        "rows": rows,
+    }
+    return new_train, new_opt, stats
+
+
+def _epochs_done(step: int, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    if step == 0:
+        return 0.0
+    return epoch + step_in_epoch / steps_per_epoch
+
+
+def _eval_line(step: int, evaluation: Mapping[str, float], suite: EvalSuite) -> str:
+    names = list(suite.averages) + [c for c in suite.comparisons if not any(c in m for m in suite.averages.values())]
+    parts = [f"{name} {evaluation[f'{name}/rewards/accuracies']:.3f}" for name in names]
+    return f"step {step} eval accuracy: " + ", ".join(parts)
+
+
+def _rm_options(rm: RewardModel) -> dict[str, Any]:
+    if isinstance(rm, ImplicitRM):
+        return {"beta": rm.beta, "reference_free": rm.reference_free}
+    if isinstance(rm, ExplicitRM):
+        return {"pooling": rm.pooling}
+    return {"yes_id": rm.yes_id, "no_id": rm.no_id}
+
+
+def _versions() -> dict[str, str]:
+    import flax
+    import optax
+
+    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__}
