@@ -61,14 +61,28 @@ class Decoder(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, tokens: Int[Array, "B T"], attention_mask: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+    def __call__(
+        self,
+        tokens: Int[Array, "B T"],
+        attention_mask: Int[Array, "B T"],
+        positions: Int[Array, "B T"] | None = None,
+        attn_mask: Bool[Array, "B T S"] | None = None,
+    ) -> Float[Array, "B T D"]:
         c = self.config
         table = nn.Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(0.02), name="embed")
         x = table.embedding[tokens]
         if c.embed_scale:
             x = x * jnp.asarray(c.d_model**0.5, dtype=x.dtype)
-        cos, sin = rope_angles(c, positions_from_mask(attention_mask), x.dtype)
-        masks = attention_masks(c, attention_mask)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        cos, sin = rope_angles(c, positions, x.dtype)
+        if attn_mask is None:
+            masks = attention_masks(c, attention_mask)
+        else:  # an explicit mask (e.g. several candidate continuations of one prompt); windows by position
+            masks = {"full": attn_mask}
+            if c.sliding_window is not None:
+                near = positions[:, :, None] - positions[:, None, :] < c.sliding_window
+                masks["sliding"] = attn_mask & near
         for i in range(c.n_layers):
             kind = c.layer_types[i]
             x = Block(c, sliding=kind == "sliding", name=f"layers_{i}")(x, cos, sin, masks[kind])
@@ -93,10 +107,20 @@ class LM:
         return Decoder(self.config)
 
     def forward(
-        self, params: Params, tokens: Int[Array, "B T"], attention_mask: Int[Array, "B T"]
+        self,
+        params: Params,
+        tokens: Int[Array, "B T"],
+        attention_mask: Int[Array, "B T"],
+        positions: Int[Array, "B T"] | None = None,
+        attn_mask: Bool[Array, "B T S"] | None = None,
     ) -> Float[Array, "B T D"]:
-        """Final hidden states h after the last norm, one per position."""
-        return self.module.apply({"params": params}, tokens, attention_mask)
+        """Final hidden states h after the last norm, one per position.
+
+        By default positions come from `attention_mask` and attention is causal over real tokens. `positions`
+        and `attn_mask` (query t may read key s) override both, e.g. to score several one-token continuations
+        of one prompt in a single pass, each at the same position and reading only the prompt and itself.
+        """
+        return self.module.apply({"params": params}, tokens, attention_mask, positions, attn_mask)
 
     def unembed(self, params: Params, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
         """Logits W h, soft-capped for Gemma 2: softmax over V is the next-token distribution."""
