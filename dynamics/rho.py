@@ -112,6 +112,8 @@ def rho_terms(
     *,
     chunk: int = DEFAULT_VOCAB_CHUNK,
     softcap: float | None = None,
+    lse_unseen: Float[Array, " K"] | None = None,
+    lse_train: Float[Array, " L"] | None = None,
 ) -> RhoTerms:
     """The four terms of ρ_{k,l} for the contexts h (hidden states that predict each token) and the tokens.
 
@@ -123,14 +125,16 @@ def rho_terms(
       W: the unembedding [V, D]; p = softmax(W h) (soft-capped logits if `softcap`).
       chunk: vocabulary chunk size.
       softcap: Gemma 2's final logit cap, or None.
+      lse_unseen, lse_train: the log-partitions ln Σ_v exp(logit_v) of each context, if already known
+        (`logsumexp_chunked`); computed here otherwise.
 
     Returns:
       `RhoTerms` of [K, L] arrays, in float32 (float64 if the inputs are).
     """
     acc = jnp.promote_types(h_unseen.dtype, jnp.float32)
     h_u, h_v = h_unseen.astype(acc), h_train.astype(acc)
-    lse_u = logsumexp_chunked(h_u, W, chunk=chunk, softcap=softcap)
-    lse_v = logsumexp_chunked(h_v, W, chunk=chunk, softcap=softcap)
+    lse_u = logsumexp_chunked(h_u, W, chunk=chunk, softcap=softcap) if lse_unseen is None else lse_unseen
+    lse_v = logsumexp_chunked(h_v, W, chunk=chunk, softcap=softcap) if lse_train is None else lse_train
     Wa, Wb = W[tokens_unseen].astype(acc), W[tokens_train].astype(acc)
     # q_l(ȳ_k): training context l, unseen token k  → [K, L]
     cross_train = jnp.exp(_softcap(jnp.einsum("KD,LD->KL", Wa, h_v), softcap) - lse_v[None, :])
