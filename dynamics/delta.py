@@ -119,15 +119,21 @@ def check_nonempty_responses(batch: PairBatch, what: str) -> None:
         raise DataError(f"{what}: row {int(empty[0])} has an empty response (no response tokens)")
 
 
-def _chunks(batch: PairBatch, size: int) -> list[tuple[PairBatch, int]]:
-    """Rows in chunks of exactly `size` (the last one padded by repeating its first row), with the count kept."""
+def _chunks(batch: PairBatch, size: int, mesh=None) -> list[tuple[PairBatch, int]]:
+    """Rows in chunks of exactly `size` (the last one padded by repeating its first row), with the count kept.
+
+    With a mesh, each chunk is split over its devices along the batch axis.
+    """
+    from dynamics.sharding import shard_batch
+
     n = batch.batch_size
     out = []
     for start in range(0, n, size):
         idx = np.arange(start, min(start + size, n))
         keep = len(idx)
         idx = np.concatenate([idx, np.full(size - keep, idx[0])]) if keep < size else idx
-        out.append((strip(batch.select(idx)), keep))
+        chunk = strip(batch.select(idx))
+        out.append((shard_batch(chunk, mesh) if mesh is not None else chunk, keep))
     return out
 
 
@@ -211,6 +217,7 @@ def _ntk(
     decompose: bool,
     chunk_size: int,
     progress: bool,
+    mesh=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(reward before, Δr per unit η, kernel [n_unseen, 2B] or None) by VJP + chunked, vmapped JVPs."""
     from tqdm.auto import tqdm
@@ -222,7 +229,7 @@ def _ntk(
         directions.append(jax.jit(response_gradients, static_argnums=0)(rm, train_tree, frozen, strip(train)))
     tangents = jax.tree.map(lambda *xs: jnp.concatenate(xs), *directions)
     before, delta, kern = [], [], []
-    chunks = _chunks(unseen, chunk_size)
+    chunks = _chunks(unseen, chunk_size, mesh)
     for chunk, keep in tqdm(chunks, desc="Δr (JVP)", disable=not progress or len(chunks) < 3, leave=False):
         r, t = _jvp_rewards_jit(rm, train_tree, frozen, tangents, chunk)
         r, t = np.asarray(r)[:keep], np.asarray(t)[:, :keep]
@@ -311,6 +318,8 @@ def delta_reward(
     chunk_size: int = 16,
     vocab_chunk: int = 8192,
     progress: bool = False,
+    mesh=None,
+    param_sharding: str = "replicate",
 ) -> DeltaResult:
     """Predicted Δr of every unseen pair after one step on `train` (paper-spec §3, Eqs. (4), (5)).
 
@@ -328,6 +337,9 @@ def delta_reward(
       chunk_size: unseen pairs per JVP batch (memory ∝ chunk_size × directions).
       vocab_chunk: vocabulary chunk of the IM-RM closed form (ρ).
       progress: show a progress bar over chunks.
+      mesh: a `jax.sharding.Mesh` (`dynamics.sharding.make_mesh`) to split each chunk of unseen pairs over its
+        devices (data parallel); `chunk_size` must be a multiple of the device count. Method ntk.
+      param_sharding: with a mesh, "replicate" the parameters or shard them ("fsdp").
 
     Raises:
       ConfigError: lr ≤ 0, an unknown option, a mask that selects nothing, or `closed_form` with a mask,
@@ -365,10 +377,21 @@ def delta_reward(
         if isinstance(rm, ImplicitRM) and rm.lm.config.final_logit_softcap is not None:
             raise ConfigError("closed_form (Eq. (5)) assumes logits W h; Gemma 2's final soft-cap needs method ntk")
 
+    if mesh is not None:
+        from dynamics.sharding import AXIS, replicate, shard_params
+
+        if method != "ntk":
+            raise ConfigError("a device mesh is supported with method ntk")
+        if chunk_size % mesh.shape[AXIS]:
+            raise ConfigError(f"chunk_size {chunk_size} must be a multiple of the {mesh.shape[AXIS]} devices")
+        params = shard_params(params, mesh, param_sharding)
+        train = replicate(strip(train), mesh)
     r_plus, r_minus = training_rewards(rm, params, train)
     g = np.asarray(bt_weight(jnp.asarray(r_plus), jnp.asarray(r_minus)))
     if method == "ntk":
-        before, unit_delta, kern = _ntk(rm, params, mask, train, unseen, optimizer, decompose, chunk_size, progress)
+        before, unit_delta, kern = _ntk(
+            rm, params, mask, train, unseen, optimizer, decompose, chunk_size, progress, mesh
+        )
         delta = lr * unit_delta
     else:
         before, kern = _closed_form(rm, params, train, unseen, chunk_size, vocab_chunk)
@@ -386,6 +409,8 @@ def delta_reward(
         "n_train": B,
         "n_unseen": unseen.batch_size,
         "chunk_size": chunk_size,
+        "devices": 1 if mesh is None else int(mesh.size),
+        "param_sharding": None if mesh is None else param_sharding,
     }
     return DeltaResult(
         delta=np.asarray(delta, np.float64),
