@@ -240,26 +240,20 @@ def _ntk(
     return np.concatenate(before), np.concatenate(delta), (np.concatenate(kern) if decompose else None)
 
 
-def _im_kernel_pair(h_u, tok_u, m_u, lse_u, h_v, tok_v, m_v, lse_v, W, softcap, chunk):
+def _im_kernel_pair(h_u, tok_u, m_u, h_v, tok_v, m_v, W, softcap, chunk):
     """Σ_k Σ_l m_k m_l ⟨h_k, h'_l⟩ ρ_{k,l} for one unseen sequence and one training sequence (Eq. (5) sum)."""
     from dynamics.rho import rho_terms
 
-    terms = rho_terms(h_u, tok_u, h_v, tok_v, W, chunk=chunk, softcap=softcap, lse_unseen=lse_u, lse_train=lse_v)
+    terms = rho_terms(h_u, tok_u, h_v, tok_v, W, chunk=chunk, softcap=softcap)
     sim = jnp.einsum("KD,LD->KL", h_u.astype(terms.inner.dtype), h_v.astype(terms.inner.dtype))
     w = m_u[:, None].astype(sim.dtype) * m_v[None, :].astype(sim.dtype)
     return jnp.sum(sim * terms.rho * w)
 
 
-def _im_prediction_arrays(lm, lm_params, batch: PairBatch, vocab_chunk: int):
-    """(contexts h[:, :-1], predicted tokens [:, 1:], response mask [:, 1:], log-partitions [:, :-1]) per sequence."""
-    from dynamics.rho import logsumexp_chunked
-
-    hidden = lm.forward(lm_params, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask))[:, :-1]
-    acc = jnp.promote_types(hidden.dtype, jnp.float32)
-    W = unembedding(lm_params)
-    cap = lm.config.final_logit_softcap
-    lse = jax.vmap(lambda h: logsumexp_chunked(h.astype(acc), W, chunk=vocab_chunk, softcap=cap))(hidden)
-    return hidden, jnp.asarray(batch.tokens)[:, 1:], jnp.asarray(batch.response_mask)[:, 1:], lse
+def _im_prediction_arrays(lm, lm_params, batch: PairBatch):
+    """(contexts h[:, :-1], predicted tokens [:, 1:], response mask [:, 1:]) of each sequence."""
+    hidden = lm.forward(lm_params, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask))
+    return hidden[:, :-1], jnp.asarray(batch.tokens)[:, 1:], jnp.asarray(batch.response_mask)[:, 1:]
 
 
 @jax.jit
@@ -286,19 +280,17 @@ def _closed_form(
     lm = rm.lm
     W = unembedding(params["lm"])
     cap = lm.config.final_logit_softcap
-    prep = jax.jit(_im_prediction_arrays, static_argnums=(0, 3))
-    train_arrays = [prep(lm, params["lm"], b, vocab_chunk) for b in train_rows]
-    h_v, tok_v, m_v, lse_v = (jnp.concatenate(x) for x in zip(*train_arrays, strict=True))
-    # each log-partition is computed once per sequence; the kernels are per (unseen, training) pair
+    prep = jax.jit(_im_prediction_arrays, static_argnums=0)
+    h_v, tok_v, m_v = (jnp.concatenate(x) for x in zip(*[prep(lm, params["lm"], b) for b in train_rows], strict=True))
     pair_kernel = jax.vmap(  # over unseen pairs
-        jax.vmap(_im_kernel_pair, in_axes=(None, None, None, None, 0, 0, 0, 0, None, None, None)),  # training
-        in_axes=(0, 0, 0, 0, None, None, None, None, None, None, None),
+        jax.vmap(_im_kernel_pair, in_axes=(None, None, None, 0, 0, 0, None, None, None)),  # over training seqs
+        in_axes=(0, 0, 0, None, None, None, None, None, None),
     )
-    pair_kernel = jax.jit(pair_kernel, static_argnums=(9, 10))
+    pair_kernel = jax.jit(pair_kernel, static_argnums=(7, 8))
     reward = jax.jit(rm.reward)
     for chunk, keep in _chunks(unseen, chunk_size):
-        h_u, tok_u, m_u, lse_u = prep(lm, params["lm"], chunk, vocab_chunk)
-        k = pair_kernel(h_u, tok_u, m_u, lse_u, h_v, tok_v, m_v, lse_v, W, cap, vocab_chunk)
+        h_u, tok_u, m_u = prep(lm, params["lm"], chunk)
+        k = pair_kernel(h_u, tok_u, m_u, h_v, tok_v, m_v, W, cap, vocab_chunk)
         kern.append(np.asarray(k)[:keep] * rm.beta**2)
         before.append(np.asarray(reward(params, chunk))[:keep])
     return np.concatenate(before), np.concatenate(kern)

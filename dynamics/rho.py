@@ -80,29 +80,6 @@ def _chunk_start_and_valid(i: Array, V: int, chunk: int) -> tuple[Array, Bool[Ar
     return start, valid
 
 
-def logsumexp_chunked(
-    h: Float[Array, "K D"], W: Float[Array, "V D"], *, chunk: int = DEFAULT_VOCAB_CHUNK, softcap: float | None = None
-) -> Float[Array, " K"]:
-    """ln Σ_v exp(⟨W_v, h_k⟩) (soft-capped if asked), streaming over vocabulary chunks."""
-    V = W.shape[0]
-    chunk, n = _chunks(V, chunk)
-    acc_dtype = jnp.promote_types(h.dtype, jnp.float32)
-
-    def body(carry, i):
-        m, s = carry
-        start, valid = _chunk_start_and_valid(i, V, chunk)
-        z = _chunk_logits(h, W, start, chunk, softcap).astype(acc_dtype)
-        z = jnp.where(valid[None, :], z, -jnp.inf)
-        m_new = jnp.maximum(m, z.max(-1))
-        s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(-1)
-        return (m_new, s), None
-
-    K = h.shape[0]
-    init = (jnp.full((K,), -jnp.inf, acc_dtype), jnp.zeros((K,), acc_dtype))
-    (m, s), _ = jax.lax.scan(body, init, jnp.arange(n))
-    return m + jnp.log(s)
-
-
 def rho_terms(
     h_unseen: Float[Array, "K D"],
     tokens_unseen: Int[Array, " K"],
@@ -112,10 +89,12 @@ def rho_terms(
     *,
     chunk: int = DEFAULT_VOCAB_CHUNK,
     softcap: float | None = None,
-    lse_unseen: Float[Array, " K"] | None = None,
-    lse_train: Float[Array, " L"] | None = None,
 ) -> RhoTerms:
     """The four terms of ρ_{k,l} for the contexts h (hidden states that predict each token) and the tokens.
+
+    One streaming pass over vocabulary chunks computes both log-partitions and ⟨p_k, q_l⟩ together, with running
+    maxima (the online-softmax rescaling): S_{kl} = Σ_v exp(z_{kv} − m_k) exp(z'_{lv} − m'_l) is rescaled whenever
+    m or m' grows, and ⟨p_k, q_l⟩ = S_{kl} / (s_k s'_l) at the end. The cross terms are gathers at the tokens.
 
     Args:
       h_unseen: h_{x̄,ȳ<k}, the hidden state that predicts ȳ_k, for k = 1..K.
@@ -125,33 +104,42 @@ def rho_terms(
       W: the unembedding [V, D]; p = softmax(W h) (soft-capped logits if `softcap`).
       chunk: vocabulary chunk size.
       softcap: Gemma 2's final logit cap, or None.
-      lse_unseen, lse_train: the log-partitions ln Σ_v exp(logit_v) of each context, if already known
-        (`logsumexp_chunked`); computed here otherwise.
 
     Returns:
       `RhoTerms` of [K, L] arrays, in float32 (float64 if the inputs are).
     """
     acc = jnp.promote_types(h_unseen.dtype, jnp.float32)
     h_u, h_v = h_unseen.astype(acc), h_train.astype(acc)
-    lse_u = logsumexp_chunked(h_u, W, chunk=chunk, softcap=softcap) if lse_unseen is None else lse_unseen
-    lse_v = logsumexp_chunked(h_v, W, chunk=chunk, softcap=softcap) if lse_train is None else lse_train
+    K, L = h_u.shape[0], h_v.shape[0]
+    V = W.shape[0]
+    chunk, n = _chunks(V, chunk)
+
+    def body(carry, i):
+        m_u, s_u, m_v, s_v, S = carry
+        start, valid = _chunk_start_and_valid(i, V, chunk)
+        z_u = jnp.where(valid[None, :], _chunk_logits(h_u, W, start, chunk, softcap).astype(acc), -jnp.inf)
+        z_v = jnp.where(valid[None, :], _chunk_logits(h_v, W, start, chunk, softcap).astype(acc), -jnp.inf)
+        mu, mv = jnp.maximum(m_u, z_u.max(-1)), jnp.maximum(m_v, z_v.max(-1))
+        cu, cv = jnp.exp(m_u - mu), jnp.exp(m_v - mv)
+        e_u, e_v = jnp.exp(z_u - mu[:, None]), jnp.exp(z_v - mv[:, None])
+        S = S * cu[:, None] * cv[None, :] + jnp.einsum("KC,LC->KL", e_u, e_v)
+        return (mu, s_u * cu + e_u.sum(-1), mv, s_v * cv + e_v.sum(-1), S), None
+
+    init = (
+        jnp.full((K,), -jnp.inf, acc),
+        jnp.zeros((K,), acc),
+        jnp.full((L,), -jnp.inf, acc),
+        jnp.zeros((L,), acc),
+        jnp.zeros((K, L), acc),
+    )
+    (m_u, s_u, m_v, s_v, S), _ = jax.lax.scan(body, init, jnp.arange(n))
+    lse_u, lse_v = m_u + jnp.log(s_u), m_v + jnp.log(s_v)
+    inner = S / (s_u[:, None] * s_v[None, :])
     Wa, Wb = W[tokens_unseen].astype(acc), W[tokens_train].astype(acc)
     # q_l(ȳ_k): training context l, unseen token k  → [K, L]
     cross_train = jnp.exp(_softcap(jnp.einsum("KD,LD->KL", Wa, h_v), softcap) - lse_v[None, :])
     # p_k(v_l): unseen context k, training token l → [K, L]
     cross_unseen = jnp.exp(_softcap(jnp.einsum("KD,LD->KL", h_u, Wb), softcap) - lse_u[:, None])
-
-    V = W.shape[0]
-    chunk, n = _chunks(V, chunk)
-
-    def body(inner, i):
-        start, valid = _chunk_start_and_valid(i, V, chunk)
-        p = jnp.exp(_chunk_logits(h_u, W, start, chunk, softcap).astype(acc) - lse_u[:, None])
-        q = jnp.exp(_chunk_logits(h_v, W, start, chunk, softcap).astype(acc) - lse_v[:, None])
-        p = jnp.where(valid[None, :], p, 0.0)
-        return inner + jnp.einsum("KC,LC->KL", p, q), None
-
-    inner, _ = jax.lax.scan(body, jnp.zeros((h_u.shape[0], h_v.shape[0]), acc), jnp.arange(n))
     indicator = (tokens_unseen[:, None] == tokens_train[None, :]).astype(acc)
     return RhoTerms(indicator, cross_train, cross_unseen, inner)
 
