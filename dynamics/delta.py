@@ -19,7 +19,9 @@ Units: Δr is in reward units (for the IM-RM: β × nats). Signs: Δr > 0 means 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import math
 from typing import Any, Literal
 
@@ -36,6 +38,10 @@ from dynamics.text import PairBatch, PreferenceBatch
 
 Method = Literal["closed_form", "ntk"]
 Optimizer = Literal["sgd", "adam"]
+
+#: How many times each hot jitted entry point has been traced (incremented inside the traced bodies, so it counts
+#: compilations, not calls). Tests use it to show there is no silent recompilation.
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +148,18 @@ def _tree_dot(a, b) -> jax.Array:
     return sum(leaves) if leaves else jnp.zeros(())
 
 
+def _reward(rm: RewardModel, params, batch):
+    TRACE_COUNTS["reward"] += 1
+    return rm.reward(params, batch)
+
+
+reward_jit = jax.jit(_reward, static_argnums=0)
+
+
 def training_rewards(rm: RewardModel, params, train: PreferenceBatch) -> tuple[np.ndarray, np.ndarray]:
     """(r(x_i, y_i+), r(x_i, y_i−)) before the step."""
-    f = jax.jit(rm.reward)
     t = strip(train)
-    return np.asarray(f(params, t.chosen)), np.asarray(f(params, t.rejected))
+    return np.asarray(reward_jit(rm, params, t.chosen)), np.asarray(reward_jit(rm, params, t.rejected))
 
 
 def unit_update(rm: RewardModel, train_tree, frozen, train: PreferenceBatch, optimizer: Optimizer) -> Any:
@@ -154,6 +167,7 @@ def unit_update(rm: RewardModel, train_tree, frozen, train: PreferenceBatch, opt
 
     Both are exactly linear in η (optax scales the final update by −η), so Δθ(η) = η · unit_update.
     """
+    TRACE_COUNTS["unit_update"] += 1
     t = strip(train)
 
     def loss(tr):
@@ -176,6 +190,7 @@ def response_gradients(rm: RewardModel, train_tree, frozen, train: PreferenceBat
     One VJP of the 2B training rewards, evaluated at the 2B unit cotangents (vmapped): the only gradients ever
     formed are those of the training responses.
     """
+    TRACE_COUNTS["response_gradients"] += 1
     t = strip(train)
 
     def rewards(tr):
@@ -189,6 +204,7 @@ def response_gradients(rm: RewardModel, train_tree, frozen, train: PreferenceBat
 
 def _jvp_rewards(rm: RewardModel, train_tree, frozen, tangents, unseen: PairBatch):
     """(r(u) [C], ⟨∇r(u), t_j⟩ [n_dir, C]) for one chunk of unseen pairs and stacked tangents."""
+    TRACE_COUNTS["jvp_rewards"] += 1
 
     def f(tr):
         return rm.reward(combine(tr, frozen), unseen)
@@ -201,6 +217,8 @@ def _jvp_rewards(rm: RewardModel, train_tree, frozen, tangents, unseen: PairBatc
 
 
 _jvp_rewards_jit = jax.jit(_jvp_rewards, static_argnums=(0,))
+_unit_update_jit = jax.jit(unit_update, static_argnums=(0, 4))
+_response_gradients_jit = jax.jit(response_gradients, static_argnums=0)
 
 
 def _stack_trees(trees: list) -> Any:
@@ -223,10 +241,10 @@ def _ntk(
     from tqdm.auto import tqdm
 
     train_tree, frozen = partition(params, mask)
-    update = jax.jit(unit_update, static_argnums=(0, 4))(rm, train_tree, frozen, strip(train), optimizer)
+    update = _unit_update_jit(rm, train_tree, frozen, strip(train), optimizer)
     directions = [jax.tree.map(lambda x: x[None], update)]
     if decompose:
-        directions.append(jax.jit(response_gradients, static_argnums=0)(rm, train_tree, frozen, strip(train)))
+        directions.append(_response_gradients_jit(rm, train_tree, frozen, strip(train)))
     tangents = jax.tree.map(lambda *xs: jnp.concatenate(xs), *directions)
     before, delta, kern = [], [], []
     chunks = _chunks(unseen, chunk_size, mesh)
@@ -256,6 +274,22 @@ def _im_prediction_arrays(lm, lm_params, batch: PairBatch):
     return hidden[:, :-1], jnp.asarray(batch.tokens)[:, 1:], jnp.asarray(batch.response_mask)[:, 1:]
 
 
+def _features(rm, params, batch):
+    TRACE_COUNTS["features"] += 1
+    return rm.features(params, batch)
+
+
+_features_jit = jax.jit(_features, static_argnums=0)
+_im_prediction_arrays_jit = jax.jit(_im_prediction_arrays, static_argnums=0)
+_pair_kernel_jit = jax.jit(
+    jax.vmap(  # over unseen pairs
+        jax.vmap(_im_kernel_pair, in_axes=(None, None, None, 0, 0, 0, None, None, None)),  # over training seqs
+        in_axes=(0, 0, 0, None, None, None, None, None, None),
+    ),
+    static_argnums=(7, 8),
+)
+
+
 @jax.jit
 def _dot_rows(a, b):
     return jnp.einsum("ND,MD->NM", a, b)
@@ -269,7 +303,7 @@ def _closed_form(
     train_rows = [t.chosen, t.rejected]
     before, kern = [], []
     if isinstance(rm, ExplicitRM):
-        feats = jax.jit(rm.features)
+        feats = functools.partial(_features_jit, rm)
         f_train = jnp.concatenate([feats(params, b) for b in train_rows])  # [2B, D]
         for chunk, keep in _chunks(unseen, chunk_size):
             f_u = feats(params, chunk)
@@ -280,19 +314,14 @@ def _closed_form(
     lm = rm.lm
     W = unembedding(params["lm"])
     cap = lm.config.final_logit_softcap
-    prep = jax.jit(_im_prediction_arrays, static_argnums=0)
+    prep = _im_prediction_arrays_jit
     h_v, tok_v, m_v = (jnp.concatenate(x) for x in zip(*[prep(lm, params["lm"], b) for b in train_rows], strict=True))
-    pair_kernel = jax.vmap(  # over unseen pairs
-        jax.vmap(_im_kernel_pair, in_axes=(None, None, None, 0, 0, 0, None, None, None)),  # over training seqs
-        in_axes=(0, 0, 0, None, None, None, None, None, None),
-    )
-    pair_kernel = jax.jit(pair_kernel, static_argnums=(7, 8))
-    reward = jax.jit(rm.reward)
+    pair_kernel = _pair_kernel_jit
     for chunk, keep in _chunks(unseen, chunk_size):
         h_u, tok_u, m_u = prep(lm, params["lm"], chunk)
         k = pair_kernel(h_u, tok_u, m_u, h_v, tok_v, m_v, W, cap, vocab_chunk)
         kern.append(np.asarray(k)[:keep] * rm.beta**2)
-        before.append(np.asarray(reward(params, chunk))[:keep])
+        before.append(np.asarray(reward_jit(rm, params, chunk))[:keep])
     return np.concatenate(before), np.concatenate(kern)
 
 

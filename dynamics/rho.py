@@ -317,8 +317,10 @@ def rho_analysis(
     )
     batch = batch.replace(truncated=(), boundary_mismatch=())
     tokens, mask = jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)
-    hidden = np.asarray(jax.jit(rm.lm.forward)(params["lm"], tokens, mask))
-    rewards = np.asarray(jax.jit(rm.reward)(params, batch))
+    from dynamics.delta import reward_jit
+
+    hidden = np.asarray(_forward_jit(rm.lm, params["lm"], tokens, mask))
+    rewards = np.asarray(reward_jit(rm, params, batch))
     g = float(bt_weight(rewards[0], rewards[1]))
     n_close = closing_token_count(tokenizer) if exclude_closing else 0
 
@@ -333,7 +335,7 @@ def rho_analysis(
     W = unembedding(params["lm"])
     cap = rm.lm.config.final_logit_softcap
     u_ctx, u_tok = positions(2)
-    fn = jax.jit(rho_terms, static_argnames=("chunk", "softcap"))
+    fn = _rho_terms_jit
     panels = []
     for row in (0, 1):
         v_ctx, v_tok = positions(row)
@@ -370,6 +372,8 @@ def rho_analysis(
 
 
 _TERM_NAMES = ("indicator", "cross_train", "cross_unseen", "inner")
+_rho_terms_jit = jax.jit(rho_terms, static_argnames=("chunk", "softcap"))
+_forward_jit = jax.jit(lambda lm, p, t, m: lm.forward(p, t, m), static_argnums=0)
 
 
 def rho_from_distributions(

@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from dynamics.delta import (
+    TRACE_COUNTS,
     DeltaResult,
     Optimizer,
     _chunks,
@@ -43,6 +44,8 @@ def make_optimizer(name: Optimizer, lr) -> optax.GradientTransformation:
 def real_step(rm: RewardModel, train_tree, frozen, train: PreferenceBatch, lr, optimizer: Optimizer):
     """The trainable tree after one real optimizer step on the batch-mean BT loss (first step of the optimizer)."""
 
+    TRACE_COUNTS["real_step"] += 1
+
     def loss(tr):
         p = combine(tr, frozen)
         return bt_loss(rm.reward(p, train.chosen), rm.reward(p, train.rejected))
@@ -57,6 +60,7 @@ _real_step = jax.jit(real_step, static_argnums=(0, 5))
 
 
 def _rewards(rm, train_tree, frozen, batch):
+    TRACE_COUNTS["step_rewards"] += 1
     return rm.reward(combine(train_tree, frozen), batch)
 
 

@@ -171,3 +171,21 @@ def test_bad_inputs(x64):
         delta_reward(rm, p, train, empty, lr=0.1)
     with pytest.raises(ConfigError, match="last:K|between 1 and"):
         delta_reward(rm, p, train, unseen, params_spec="last:0", lr=0.1)
+
+
+def test_no_silent_recompilation(x64):
+    """Each hot jitted entry point is traced once per shape: repeated calls (new arrays, same shapes) trace nothing."""
+    from dynamics.delta import TRACE_COUNTS
+
+    lm, params, train, unseen = _setup(n_train=2, seed=5)
+    rm, p = _rm("im", lm, params)
+    for spec, method in [("all", "ntk"), ("unembed", "closed_form")]:
+        delta_reward(rm, p, train, unseen, params_spec=spec, lr=0.1, method=method, chunk_size=2)
+        first = dict(TRACE_COUNTS)
+        assert first.get("jvp_rewards" if method == "ntk" else "reward", 0) >= 1
+        # other values, same shapes: including a different unseen set and other parameter values
+        rng = np.random.default_rng(9)
+        unseen2 = _pairs(rng, 5, 10, 3)
+        p2 = jax.tree.map(lambda a: a * 1.01, p)
+        delta_reward(rm, p2, train, unseen2, params_spec=spec, lr=0.2, method=method, chunk_size=2)
+        assert dict(TRACE_COUNTS) == first, (spec, first, dict(TRACE_COUNTS))
