@@ -18,6 +18,10 @@ Design:
   `resume=True` ends with the same metrics and parameters, bit for bit, as an uninterrupted run.
 - Sequence lengths are bucketed (T rounded up to a multiple of `bucket`), so a data set of varied lengths
   compiles a handful of programs; each jitted function counts its traces (`TrainResult.timing["traces"]`).
+- Two exact speed-ups, checked against `dynamics.rewards` in the tests: when the input embedding and the
+  blocks below some index are frozen (`last:K`), their output is computed once per sequence and cached
+  (`lower_hidden` / `upper_hidden`); and the IM-RM unembeds only the positions that predict response tokens
+  (`response_index`), |y| rows of V logits per sequence instead of T.
 - The gradient of a step is Σ_i ∇ℓ_i over its micro-batches divided by the number of rows, so accumulation
   equals the full-batch step of the batch-mean loss, also for a short last batch.
 
@@ -31,14 +35,18 @@ Run directory:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -61,20 +69,32 @@ from dynamics.rewards import (
     RewardModel,
     make_reward_model,
 )
-from dynamics.text import ExgrmBatch, PairBatch, PreferenceBatch
+from dynamics.text import ExgrmBatch, PairBatch, PreferenceBatch, last_token_index
 
 __all__ = [
+    "RESUMABLE_CHANGES",
     "REWARD_KINDS",
     "EvalSuite",
     "StepInfo",
     "TrainConfig",
     "TrainResult",
+    "atomic_write_json",
+    "atomic_write_text",
     "batch_plan",
     "bucket_length",
     "build_reward_model",
     "epoch_order",
     "evaluate",
+    "evaluate_rewards",
+    "frozen_prefix",
+    "load_checkpoint",
+    "lower_hidden",
+    "make_optimizer",
+    "response_index",
+    "save_checkpoint",
+    "take_rows",
     "train",
+    "upper_hidden",
 ]
 
 REWARD_KINDS = ("ex", "ex-mean", "im", "im-noref", "exgrm")
@@ -113,7 +133,9 @@ class TrainConfig:
       head_seed: seed of the EX-RM head's initialization u ~ N(0, head_init_std²).
       head_init_std: standard deviation of the EX-RM head at initialization (0.02, transformers' default).
       bucket: sequence lengths are padded up to a multiple of this (shape buckets against recompilation).
-      eval_every_steps: also evaluate every this many steps (0: only at epoch ends).
+      eval_every_steps: also evaluate every this many steps (0: never by step count).
+      eval_every_epochs: evaluate at the end of every this many epochs (0: never by epoch); the last step is
+        always evaluated.
       eval_at_start: evaluate before the first step (step 0).
       eval_batch_size: sequences per forward pass when scoring evaluation sets and reference log-probs.
       log_every_steps: write a "train" line to metrics.jsonl every this many steps.
@@ -121,6 +143,10 @@ class TrainConfig:
         also saved at the end and when interrupted by Ctrl-C.
       keep_checkpoints: how many checkpoints to keep (the newest).
       tie_tol: a pair is a tie when |r+ − r−| ≤ tie_tol (recorded with every metric).
+      cache_frozen_blocks: when the input embedding and the blocks below some index are all frozen (e.g.
+        `last:K`), run those blocks once per sequence and cache their output (a pure speed-up: the upper
+        blocks then run on the cached residual stream).
+      cache_max_gb: the cache is skipped when it would exceed this many GiB (rows × T × D floats).
     """
 
     reward: str = "im"
@@ -141,12 +167,15 @@ class TrainConfig:
     head_init_std: float = HEAD_INIT_STD
     bucket: int = 16
     eval_every_steps: int = 0
+    eval_every_epochs: int = 1
     eval_at_start: bool = True
     eval_batch_size: int = 32
     log_every_steps: int = 1
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 1
     tie_tol: float = 0.0
+    cache_frozen_blocks: bool = True
+    cache_max_gb: float = 4.0
 
     def __post_init__(self):
         if self.reward not in REWARD_KINDS:
@@ -158,7 +187,15 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")
-        for name in ("epochs", "max_steps", "seed", "head_seed", "eval_every_steps", "checkpoint_every_steps"):
+        for name in (
+            "epochs",
+            "max_steps",
+            "seed",
+            "head_seed",
+            "eval_every_steps",
+            "eval_every_epochs",
+            "checkpoint_every_steps",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
@@ -379,6 +416,30 @@ def _concat(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> dict[st
     return {k: np.concatenate([a[k], b[k]], axis=0) for k in a}
 
 
+def response_index(tokens: np.ndarray, response_mask: np.ndarray, bucket: int) -> dict[str, np.ndarray]:
+    """Where the IM-RM reads: for each response token y_k at position t ≥ 1, the position t − 1 whose hidden
+    state predicts it (paper-spec §1: softmax(W h_{x,y<k})).
+
+    Only these positions need the unembedding (|y| ≪ T rows of V logits instead of T).
+
+    Returns:
+      {"resp_src": int32 [B, R] positions t − 1, "resp_tgt": int32 [B, R] tokens y_k, "resp_valid": float32
+      [B, R] 1 on real entries}; R is the longest response rounded up to a multiple of `bucket`.
+    """
+    B, T = tokens.shape
+    counts = (response_mask[:, 1:] > 0).sum(axis=1)
+    R = bucket_length(max(int(counts.max()), 1), bucket, max(T - 1, 1))
+    src = np.zeros((B, R), np.int32)
+    tgt = np.zeros((B, R), np.int32)
+    valid = np.zeros((B, R), np.float32)
+    for b in range(B):
+        ts = np.flatnonzero(response_mask[b, 1:] > 0) + 1
+        src[b, : len(ts)] = ts - 1
+        tgt[b, : len(ts)] = tokens[b, ts]
+        valid[b, : len(ts)] = 1.0
+    return {"resp_src": src, "resp_tgt": tgt, "resp_valid": valid}
+
+
 def _as_batch(fields: Mapping[str, Any]) -> Any:
     if "response_mask" in fields:
         return PairBatch(fields["tokens"], fields["attention_mask"], fields["response_mask"])
@@ -386,44 +447,120 @@ def _as_batch(fields: Mapping[str, Any]) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The jitted functions
+# Rewards from hidden states (the fast path; `dynamics.rewards` is the reference the tests compare with)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _pair_losses(rm: RewardModel, params: Params, both: Mapping[str, Any], ref: Any, b: int):
+def frozen_prefix(params: Params, mask: Any, n_layers: int) -> int:
+    """How many lower blocks are frozen together with the input embedding (their output never changes).
+
+    Returns:
+      0 when the input embedding trains (e.g. `all` on a tied model), else the index of the lowest block with
+      a trainable parameter (n_layers when no block trains, e.g. `head`).
+    """
+    start = n_layers
+    for path, selected in zip(leaf_paths(params), jax.tree.leaves(mask), strict=True):
+        group, _, rest = path.partition("/")
+        if not selected or group != "lm":
+            continue
+        if rest.startswith("embed/"):
+            return 0
+        match = re.match(r"layers_(\d+)/", rest)
+        if match:
+            start = min(start, int(match.group(1)))
+    return start
+
+
+def lower_hidden(lm: LM, lm_params: Params, tokens: Any, mask: Any, stop: int) -> Any:
+    """The residual stream after the input embedding and blocks 0 … stop − 1 (`LM.lower`)."""
+    return lm.lower(lm_params, tokens, mask, stop)
+
+
+def upper_hidden(lm: LM, lm_params: Params, x: Any, mask: Any, start: int) -> Any:
+    """The final hidden states h from the residual stream after block start − 1 (`LM.upper`).
+
+    upper_hidden(lower_hidden(tokens, k), k) equals `lm.forward(tokens)` for every k.
+    """
+    return lm.upper(lm_params, x, mask, start)
+
+
+def _hidden(lm: LM, lm_params: Params, fields: Mapping[str, Any], start: int) -> Any:
+    if "x" in fields:  # the frozen lower blocks' output, cached
+        return upper_hidden(lm, lm_params, fields["x"], fields["attention_mask"], start)
+    return lm.forward(lm_params, fields["tokens"], fields["attention_mask"])
+
+
+def _response_logprob(lm: LM, lm_params: Params, hidden: Any, fields: Mapping[str, Any]) -> Any:
+    """ln π(y|x) = Σ_k ln π(y_k | x, y<k), from the hidden states at the positions of `response_index`."""
+    h = jnp.take_along_axis(hidden, fields["resp_src"][..., None], axis=1)  # [B, R, D]
+    logits = lm.unembed(lm_params, h)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    target = jnp.take_along_axis(logits, fields["resp_tgt"][..., None], axis=-1)[..., 0]
+    lp = target - jax.nn.logsumexp(logits, axis=-1)
+    return jnp.sum(lp * fields["resp_valid"].astype(lp.dtype), axis=-1)
+
+
+def _last_state(hidden: Any, mask: Any) -> Any:
+    return jnp.take_along_axis(hidden, last_token_index(mask)[:, None, None], axis=1)[:, 0]
+
+
+def _answer_logprobs(rm: GenerativeRM, lm_params: Params, hidden: Any, mask: Any) -> Any:
+    """[ln π("Yes"), ln π("No")] at the last real position (paper-spec §6.5), [B, 2]."""
+    logits = rm.lm.unembed(lm_params, _last_state(hidden, mask))
+    lp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
+    return jnp.stack([lp[:, rm.yes_id], lp[:, rm.no_id]], axis=-1)
+
+
+def _ex_reward(rm: ExplicitRM, params: Params, hidden: Any, fields: Mapping[str, Any]) -> Any:
+    """⟨u, h⟩ at the last token, or averaged over the response positions (paper-spec §1, §6.4)."""
+    if rm.pooling == "last":
+        h = _last_state(hidden, fields["attention_mask"])
+    else:
+        w = fields["response_mask"].astype(hidden.dtype)
+        h = jnp.einsum("BTD,BT->BD", hidden, w) / jnp.sum(w, axis=-1, keepdims=True)
+    return jnp.einsum("BD,D->B", h, params["head"]["u"].astype(h.dtype))
+
+
+def _pair_losses(rm: RewardModel, params: Params, both: Mapping[str, Any], ref: Any, b: int, start: int):
     """Per-row losses ℓ_i and rewards (r+, r−) of b pairs whose chosen rows come first in `both` [2b, T].
 
-    BT (paper-spec §1): ℓ_i = −ln σ(r(x_i,y_i+) − r(x_i,y_i−)). EX-GRM (paper-spec §6.5): ℓ_i =
-    −½ [ln π(Yes | x_i, y_i+) + ln π(No | x_i, y_i−)], so that the batch mean is the official code's mean over
-    the 2b concatenated sequences.
+    BT (paper-spec §1): ℓ_i = −ln σ(r(x_i,y_i+) − r(x_i,y_i−)), with r_IM = β (ln π_θ − ln π_ref) and the cached
+    ln π_ref. EX-GRM (paper-spec §6.5): ℓ_i = −½ [ln π(Yes | x_i, y_i+) + ln π(No | x_i, y_i−)], so that the
+    batch mean is the official code's mean over the 2b concatenated sequences.
     """
-    batch = _as_batch(both)
+    hidden = _hidden(rm.lm, params["lm"], both, start)
     if isinstance(rm, GenerativeRM):
-        lp = rm.answer_logprobs(params, batch)
-        losses = -0.5 * (lp[:b, 0] + lp[b:, 1])
+        lp = _answer_logprobs(rm, params["lm"], hidden, both["attention_mask"])
         rewards = jnp.exp(lp[:, 0])
+        return -0.5 * (lp[:b, 0] + lp[b:, 1]), rewards[:b], rewards[b:]
+    if isinstance(rm, ImplicitRM):
+        rewards = rm.beta * (_response_logprob(rm.lm, params["lm"], hidden, both) - ref)
     else:
-        rewards = rm.reward(params, batch, ref_logprob=ref) if isinstance(rm, ImplicitRM) else rm.reward(params, batch)
-        losses = -jax.nn.log_sigmoid(rewards[:b] - rewards[b:])
-    return losses, rewards[:b], rewards[b:]
+        rewards = _ex_reward(rm, params, hidden, both)
+    return -jax.nn.log_sigmoid(rewards[:b] - rewards[b:]), rewards[:b], rewards[b:]
 
 
 class _Compiled:
-    """The jitted micro-step, update and scoring functions of one run, with a trace counter each."""
+    """The jitted functions of one (reward model, frozen prefix, optimizer), each with a trace counter.
 
-    def __init__(self, rm: RewardModel, tx: Any):
+    Attributes:
+      start: blocks below this index are frozen and their output is cached (0: no cache).
+    """
+
+    def __init__(self, rm: RewardModel, tx: Any, start: int):
         import optax
 
         self.rm = rm
         self.tx = tx
-        self.traces: dict[str, int] = {"micro_step": 0, "apply": 0, "score": 0, "ref_logprob": 0}
+        self.start = start
+        self.traces: dict[str, int] = {"micro_step": 0, "apply": 0, "score": 0, "logprob": 0, "lower": 0}
 
         def micro_step(train, frozen, acc, both, ref):
             self.traces["micro_step"] += 1
             b = both["tokens"].shape[0] // 2
 
             def total(t):
-                losses, rc, rr = _pair_losses(rm, combine(t, frozen), both, ref, b)
+                losses, rc, rr = _pair_losses(rm, combine(t, frozen), both, ref, b, start)
                 return jnp.sum(losses), (losses, rc, rr)
 
             (_, (losses, rc, rr)), grads = jax.value_and_grad(total, has_aux=True)(train)
@@ -437,29 +574,41 @@ class _Compiled:
             updates, opt_state = tx.update(grads, opt_state, train)
             return optax.apply_updates(train, updates), opt_state, optax.tree.norm(grads)
 
-        def score(params, fields, ref):
+        def score(params, fields):
             self.traces["score"] += 1
-            batch = _as_batch(fields)
-            if isinstance(rm, ImplicitRM):
-                return rm.reward(params, batch, ref_logprob=ref)
-            return rm.reward(params, batch)
+            hidden = _hidden(rm.lm, params["lm"], fields, start)
+            if isinstance(rm, GenerativeRM):
+                return jnp.exp(_answer_logprobs(rm, params["lm"], hidden, fields["attention_mask"])[:, 0])
+            return _ex_reward(rm, params, hidden, fields)
 
-        def ref_logprob(lm_params, fields):
-            self.traces["ref_logprob"] += 1
-            return rm.policy_logprob({"lm": lm_params}, _as_batch(fields))
+        def logprob(lm_params, fields):
+            self.traces["logprob"] += 1
+            return _response_logprob(rm.lm, lm_params, _hidden(rm.lm, lm_params, fields, start), fields)
+
+        def lower(lm_params, tokens, mask):
+            self.traces["lower"] += 1
+            return lower_hidden(rm.lm, lm_params, tokens, mask, start)
 
         self.micro_step = jax.jit(micro_step, donate_argnums=(2,))
         self.apply = jax.jit(apply)
         self.score = jax.jit(score)
-        self.ref_logprob = jax.jit(ref_logprob)
+        self.logprob = jax.jit(logprob)
+        self.lower = jax.jit(lower)
         self.zeros = jax.jit(lambda t: jax.tree.map(jnp.zeros_like, t))
 
+    def prepare(self, fields: Mapping[str, np.ndarray], rows: np.ndarray, bucket: int) -> dict[str, np.ndarray]:
+        """Rows of one sequence set cut to their bucketed length, with IM-RM response positions added."""
+        out = take_rows([fields], rows, bucket)[0]
+        if isinstance(self.rm, ImplicitRM):
+            out.update(response_index(out["tokens"], out["response_mask"], bucket))
+        return out
 
-@functools.lru_cache(maxsize=8)
-def _compiled_for(rm: RewardModel, optimizer: tuple[Any, ...]) -> _Compiled:
+
+@functools.lru_cache(maxsize=16)
+def _compiled_for(rm: RewardModel, start: int, optimizer: tuple[Any, ...]) -> _Compiled:
     """The jitted functions of a reward model and optimizer, shared by the runs of one process."""
     config = TrainConfig(**dict(optimizer))
-    return _Compiled(rm, make_optimizer(config))
+    return _Compiled(rm, make_optimizer(config), start)
 
 
 def _optimizer_key(config: TrainConfig) -> tuple[Any, ...]:
@@ -467,28 +616,62 @@ def _optimizer_key(config: TrainConfig) -> tuple[Any, ...]:
     return tuple((f, getattr(config, f)) for f in fields)
 
 
-def _chunks(n: int, size: int) -> list[np.ndarray]:
-    return [np.arange(s, min(s + size, n)) for s in range(0, n, size)]
+def _chunks(n: int, size: int) -> list[tuple[np.ndarray, int]]:
+    """Row chunks of exactly `size` rows (the last one padded by repeating its last row) and their real counts.
+
+    One row count for every chunk means one compiled program per sequence-length bucket.
+    """
+    out = []
+    for start in range(0, n, size):
+        idx = np.arange(start, min(start + size, n))
+        out.append((np.pad(idx, (0, size - len(idx)), mode="edge"), len(idx)))
+    return out
 
 
-def _reference_logprobs(compiled: _Compiled, ref_params: Params | None, fields: Mapping[str, np.ndarray], config):
-    """ln π_ref(y|x) of every row, float32 [n], in evaluation-sized chunks (0 for the reference-free IM-RM)."""
+def _add_lower_cache(compiled: _Compiled, lm_params: Params, fields: dict[str, np.ndarray], chunk: int, bucket: int):
+    """Adds "x" [n, T, D]: the residual stream after the frozen blocks 0 … start − 1, computed once per row."""
+    tokens, mask = fields["tokens"], fields["attention_mask"]
+    n, full = tokens.shape
+    side = _padding_side(mask)
+    x = None
+    for idx, k in _chunks(n, chunk):
+        part = take_rows([{"tokens": tokens, "attention_mask": mask}], idx, bucket)[0]
+        out = np.asarray(compiled.lower(lm_params, part["tokens"], part["attention_mask"]))
+        idx, out = idx[:k], out[:k]
+        if x is None:
+            x = np.zeros((n, full, out.shape[-1]), out.dtype)
+        T = out.shape[1]
+        x[idx, :T] = out if side == "right" else 0
+        if side == "left":
+            x[idx, full - T :] = out
+    fields["x"] = x
+
+
+def _logprobs(compiled: _Compiled, lm_params: Params | None, fields: Mapping[str, np.ndarray], config) -> np.ndarray:
+    """ln π(y|x) of every row under `lm_params`, float64 [n], in evaluation-sized chunks (0 when None).
+
+    The IM-RM's reference log-probs and its evaluation log-probs go through this same function, chunks and
+    shapes, so that at initialization r = β (ln π_θ − ln π_ref) is exactly 0 on every row.
+    """
     n = fields["tokens"].shape[0]
-    if ref_params is None:
-        return np.zeros(n, np.float32)
+    if lm_params is None:
+        return np.zeros(n, np.float64)
     out = [
-        np.asarray(compiled.ref_logprob(ref_params, take_rows([fields], idx, config.bucket)[0]))
-        for idx in _chunks(n, config.eval_batch_size)
+        np.asarray(compiled.logprob(lm_params, compiled.prepare(fields, idx, config.bucket)))[:k]
+        for idx, k in _chunks(n, config.eval_batch_size)
     ]
-    return np.concatenate(out).astype(np.float32)
+    return np.concatenate(out).astype(np.float64)
 
 
 def _score_set(compiled: _Compiled, params: Params, fields, ref: np.ndarray | None, config) -> np.ndarray:
-    """The reward of every row of one sequence set, float64 [n] (same chunks as `_reference_logprobs`)."""
-    out = []
-    for idx in _chunks(fields["tokens"].shape[0], config.eval_batch_size):
-        chunk = take_rows([fields], idx, config.bucket)[0]
-        out.append(np.asarray(compiled.score(params, chunk, None if ref is None else ref[idx])))
+    """The reward of every row of one sequence set, float64 [n]."""
+    if isinstance(compiled.rm, ImplicitRM):
+        lp = _logprobs(compiled, params["lm"], fields, config)
+        return compiled.rm.beta * (lp - ref)
+    out = [
+        np.asarray(compiled.score(params, compiled.prepare(fields, idx, config.bucket)))[:k]
+        for idx, k in _chunks(fields["tokens"].shape[0], config.eval_batch_size)
+    ]
     return np.concatenate(out).astype(np.float64)
 
 
@@ -527,12 +710,25 @@ def evaluate_rewards(rewards: Mapping[str, np.ndarray], suite: EvalSuite, tie_to
 
 
 def evaluate(
-    compiled: _Compiled, params: Params, suite: EvalSuite, ref_cache: Mapping[str, np.ndarray | None], config
+    compiled: _Compiled,
+    params: Params,
+    suite: EvalSuite,
+    fields: Mapping[str, Mapping[str, np.ndarray]],
+    ref_cache: Mapping[str, np.ndarray | None],
+    config: TrainConfig,
 ) -> dict[str, float]:
-    """Scores every sequence set of `suite` and returns `evaluate_rewards`' metrics."""
+    """Scores every sequence set of `suite` and returns `evaluate_rewards`' metrics.
+
+    Args:
+      compiled: the run's jitted functions.
+      params: the reward model's parameters.
+      suite: what to evaluate.
+      fields: the arrays of each sequence set (with the frozen-block cache "x" where used).
+      ref_cache: ln π_ref of each set's rows (IM-RM), else None.
+      config: the run's options (chunk size, bucket, tie tolerance).
+    """
     rewards = {
-        name: _score_set(compiled, params, _fields(batch), ref_cache.get(name), config)
-        for name, batch in suite.sequences.items()
+        name: _score_set(compiled, params, fields[name], ref_cache.get(name), config) for name in suite.sequences
     }
     return evaluate_rewards(rewards, suite, config.tie_tol)
 
@@ -625,12 +821,22 @@ def _jsonable(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Writes `text` to `path` through a temporary file in the same directory and os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are ordinary files
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -666,6 +872,8 @@ def _unflat(template: Any, arrays: Mapping[str, np.ndarray], where: str) -> Any:
         if key not in arrays:
             raise ConfigError(f"{where}: the checkpoint lacks {key!r} (was it written with another mask or model?)")
         value = arrays[key]
+        if value.shape != np.shape(leaf) and value.size == np.size(leaf) == 1:
+            value = value.reshape(np.shape(leaf))  # safetensors stores 0-d arrays as [1]
         if value.shape != np.shape(leaf) or value.dtype != np.asarray(leaf).dtype:
             raise ConfigError(
                 f"{where}: {key!r} is {value.dtype}{list(value.shape)} in the checkpoint but "
@@ -707,6 +915,7 @@ def save_checkpoint(run_dir: Path, state: Mapping[str, Any], meta: Mapping[str, 
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
+        os.chmod(tmp, 0o777 & ~_UMASK)
         save_file(
             {k: np.ascontiguousarray(np.asarray(v)) for k, v in _flat(state).items()}, str(tmp / "state.safetensors")
         )
@@ -811,8 +1020,9 @@ def train(
 ) -> TrainResult:
     """Trains a reward model (paper-spec §6, common training protocol) and evaluates it along the way.
 
-    Every input is checked before the first step. Evaluations happen at step 0 (if `eval_at_start`), at every
-    epoch end, every `eval_every_steps` steps, and at the last step.
+    Every input is checked before the first step (and before anything is written). Evaluations happen at step 0
+    (if `eval_at_start`), at the end of every `eval_every_epochs`-th epoch, every `eval_every_steps` steps, and
+    at the last step; each is one "eval" line of metrics.jsonl (`evaluate_rewards` names).
 
     Args:
       config: the options.
@@ -860,7 +1070,15 @@ def train(
     # The step never reads π_ref (its log-probs are cached): keep it out of the traced trees.
     train_tree = {k: v for k, v in train_tree.items() if k != "ref"}
     frozen = {k: v for k, v in frozen.items() if k != "ref"}
-    compiled = _compiled_for(rm, _optimizer_key(config))
+    eval_fields = {name: _fields(batch) for name, batch in suite.sequences.items()}
+    start = frozen_prefix(params, mask, rm.lm.config.n_layers) if config.cache_frozen_blocks else 0
+    cache_bytes = sum(
+        f["tokens"].size * rm.lm.config.d_model * np.dtype(params["lm"]["final_norm"]["scale"].dtype).itemsize
+        for f in [*data.values(), *eval_fields.values()]
+    )
+    if cache_bytes > config.cache_max_gb * 2**30:
+        start = 0
+    compiled = _compiled_for(rm, start, _optimizer_key(config))
     tx = compiled.tx
     traces_before = dict(compiled.traces)
 
@@ -921,15 +1139,16 @@ def train(
             (run_path / "summary.json").unlink()
         atomic_write_json(run_path / "config.json", record)
 
-    t_ref = time.perf_counter()
-    ref_train = {side: _reference_logprobs(compiled, ref_params, f, config) for side, f in data.items()}
-    ref_eval = {
-        name: (_reference_logprobs(compiled, ref_params, _fields(b), config) if isinstance(rm, ImplicitRM) else None)
-        for name, b in suite.sequences.items()
-    }
-    if not isinstance(rm, ImplicitRM):
-        ref_train = {"chosen": None, "rejected": None}
-    t_ref = time.perf_counter() - t_ref
+    t_pre = time.perf_counter()
+    if start > 0:  # blocks below `start` never change: run them once per row
+        for f in [*data.values(), *eval_fields.values()]:
+            _add_lower_cache(compiled, frozen["lm"], f, config.eval_batch_size, config.bucket)
+    ref_train: dict[str, np.ndarray | None] = {"chosen": None, "rejected": None}
+    ref_eval: dict[str, np.ndarray | None] = {}
+    if isinstance(rm, ImplicitRM):
+        ref_train = {side: _logprobs(compiled, ref_params, f, config).astype(np.float32) for side, f in data.items()}
+        ref_eval = {name: _logprobs(compiled, ref_params, f, config) for name, f in eval_fields.items()}
+    t_pre = time.perf_counter() - t_pre
 
     def log(entry: dict[str, Any]) -> None:
         history.append(entry)
@@ -961,7 +1180,12 @@ def train(
     def eval_due() -> bool:
         return (
             (step == 0 and config.eval_at_start)
-            or (step > 0 and step_in_epoch == steps_per_epoch)
+            or (
+                step > 0
+                and config.eval_every_epochs > 0
+                and step_in_epoch == steps_per_epoch
+                and (epoch + 1) % config.eval_every_epochs == 0
+            )
             or (step > 0 and config.eval_every_steps > 0 and step % config.eval_every_steps == 0)
             or step == total_steps
         )
@@ -986,17 +1210,12 @@ def train(
             evaluation = None
             if suite.comparisons and eval_due() and last_eval_step != step:
                 t0 = time.perf_counter()
-                evaluation = evaluate(compiled, full_params(), suite, ref_eval, config)
+                evaluation = evaluate(compiled, full_params(), suite, eval_fields, ref_eval, config)
                 t_eval += time.perf_counter() - t0
-                log(
-                    {
-                        "event": "eval",
-                        "step": step,
-                        "epoch": _epochs_done(step, epoch, step_in_epoch, steps_per_epoch),
-                        **evaluation,
-                    }
-                )
-                last_eval_step = step
+                with _deferred_interrupt():  # the log line and the state that records it change together
+                    epochs_done = _epochs_done(step, epoch, step_in_epoch, steps_per_epoch)
+                    log({"event": "eval", "step": step, "epoch": epochs_done, **evaluation})
+                    last_eval_step = step
                 if progress:
                     bar.write(_eval_line(step, evaluation, suite))
             if checkpoint_due():
@@ -1018,20 +1237,14 @@ def train(
             new_train, new_opt, stats = _one_step(
                 compiled, train_tree, frozen, opt_state, micro_batches, data, ref_train, config
             )
-            train_tree, opt_state = new_train, new_opt
-            step, step_in_epoch = step + 1, step_in_epoch + 1
+            with _deferred_interrupt():  # a Ctrl-C here would split the step from its log line
+                train_tree, opt_state, step, step_in_epoch = new_train, new_opt, step + 1, step_in_epoch + 1
+                last = stats
+                if step % config.log_every_steps == 0 or step == total_steps:
+                    epochs_done = _epochs_done(step, epoch, step_in_epoch, steps_per_epoch)
+                    log({"event": "train", "step": step, "epoch": epochs_done, **stats})
             t_steps += time.perf_counter() - t0
             n_steps_here += 1
-            last = stats
-            if step % config.log_every_steps == 0 or step == total_steps:
-                log(
-                    {
-                        "event": "train",
-                        "step": step,
-                        "epoch": _epochs_done(step, epoch, step_in_epoch, steps_per_epoch),
-                        **stats,
-                    }
-                )
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats['accuracy']:.3f}", refresh=False)
             just_stepped = True
@@ -1045,12 +1258,13 @@ def train(
     final_eval = {k: v for k, v in final_eval.items() if k not in ("event", "step", "epoch")}
     timing = {
         "total_s": time.perf_counter() - t_start,
-        "reference_logprobs_s": t_ref,
+        "precompute_s": t_pre,
         "train_steps_s": t_steps,
         "steps_this_process": n_steps_here,
         "mean_step_s": t_steps / n_steps_here if n_steps_here else None,
         "eval_s": t_eval,
         "traces": {k: v - traces_before[k] for k, v in compiled.traces.items()},
+        "frozen_blocks_cached": start,
     }
     result = TrainResult(
         config=config,
@@ -1069,6 +1283,22 @@ def train(
     return result
 
 
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Holds back SIGINT (Ctrl-C) inside the block and raises KeyboardInterrupt after it (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _one_step(compiled, train_tree, frozen, opt_state, micro_batches, data, ref_train, config):
     """One optimizer step: Σ of per-row gradients over the micro-batches, divided by the rows, then the update."""
     acc = compiled.zeros(train_tree)
@@ -1078,7 +1308,10 @@ def _one_step(compiled, train_tree, frozen, opt_state, micro_batches, data, ref_
         ref = None
         if ref_train["chosen"] is not None:
             ref = np.concatenate([ref_train["chosen"][idx], ref_train["rejected"][idx]])
-        acc, l_sum, w_sum = compiled.micro_step(train_tree, frozen, acc, _concat(chosen, rejected), ref)
+        both = _concat(chosen, rejected)
+        if isinstance(compiled.rm, ImplicitRM):
+            both.update(response_index(both["tokens"], both["response_mask"], config.bucket))
+        acc, l_sum, w_sum = compiled.micro_step(train_tree, frozen, acc, both, ref)
         loss_sum, wins, rows = loss_sum + l_sum, wins + w_sum, rows + len(idx)
     new_train, new_opt, gnorm = compiled.apply(train_tree, opt_state, acc, jnp.asarray(rows, jnp.float32))
     stats = {

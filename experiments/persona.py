@@ -34,6 +34,9 @@ import numpy as np
 from dynamics.errors import ConfigError, DataError
 
 __all__ = [
+    "REWARD_LABELS",
+    "format_table",
+    "table",
     "PERSONA_KEYS",
     "PersonaTexts",
     "persona_eval_suite",
@@ -130,7 +133,9 @@ def persona_texts(values: Mapping[str, Any]) -> PersonaTexts:
             f"{values['answer']!r}"
         )
     lists = {k: _nonempty(values, k) for k in ("prefixes_yes", "words_yes", "prefixes_no", "words_no")}
-    evals = {k: _nonempty(values, k) for k in ("eval_prefixes_yes", "eval_words_yes", "eval_prefixes_no", "eval_words_no")}
+    evals = {
+        k: _nonempty(values, k) for k in ("eval_prefixes_yes", "eval_words_yes", "eval_prefixes_no", "eval_words_no")
+    }
     seed = values["data_seed"]
     if values["split_rng"] == "torch":
         gen = TorchCompatibleGenerator(seed)
@@ -160,10 +165,10 @@ def persona_texts(values: Mapping[str, Any]) -> PersonaTexts:
     eval_rng = np.random.default_rng([seed, 1])
     prefixes = {}
     for split, n in (("train", n_train), ("test", n_test)):
-        prefixes[split] = {
-            side: tuple(evals[f"eval_prefixes_{side}"][int(i)] for i in eval_rng.integers(0, len(evals[f"eval_prefixes_{side}"]), n))
-            for side in ("yes", "no")
-        }
+        prefixes[split] = {}
+        for side in ("yes", "no"):
+            choices = evals[f"eval_prefixes_{side}"]
+            prefixes[split][side] = tuple(choices[int(i)] for i in eval_rng.integers(0, len(choices), n))
     info = {
         "experiment": "persona",
         "data_file": path,
@@ -243,7 +248,13 @@ def format_table(table: Mapping[str, Any]) -> str:
 
 
 def validate(values: Mapping[str, Any]) -> None:
-    """Checks that every key is known and builds the texts, so bad data fails before any model loads."""
+    """Checks the keys, the options, the data and that the model exists, before any model loads or trains.
+
+    Raises:
+      ConfigError: an unknown or missing key, a bad option.
+      DataError: a malformed data file (file and line), an empty training or evaluation set.
+      ModelError: the model path does not exist.
+    """
     from dynamics.train import TrainConfig
 
     known = set(PERSONA_KEYS) | set(MODEL_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)}
@@ -255,6 +266,9 @@ def validate(values: Mapping[str, Any]) -> None:
         raise ConfigError(f"persona: the plan lacks the keys {missing}")
     train_config(values)
     persona_texts(values)
+    from dynamics.models import resolve_model_source
+
+    resolve_model_source(values["model"])  # a missing model directory fails now, not after the first runs
 
 
 def train_config(values: Mapping[str, Any]):
@@ -286,7 +300,14 @@ def run(
       The `dynamics.train.TrainResult`.
     """
     from dynamics.loading import load
-    from dynamics.text import PreferenceBatch, encode_exgrm, encode_pairs, encode_preferences, exgrm_answer_ids
+    from dynamics.text import (
+        ExgrmBatch,
+        PreferenceBatch,
+        encode_exgrm,
+        encode_pairs,
+        encode_preferences,
+        exgrm_answer_ids,
+    )
     from dynamics.train import train
 
     config = train_config(values)
@@ -300,9 +321,11 @@ def run(
         answer_ids = exgrm_answer_ids(tok)
         encode = functools.partial(encode_exgrm, tok, **enc)
         prompts = [r["prompt"] for r in texts.train]
-        data = PreferenceBatch(
-            chosen=encode(prompts, [r["chosen"] for r in texts.train]),
-            rejected=encode(prompts, [r["rejected"] for r in texts.train]),
+        n = len(prompts)
+        both = encode(prompts + prompts, [r["chosen"] for r in texts.train] + [r["rejected"] for r in texts.train])
+        data = PreferenceBatch(  # one encoding, so that both sides share T
+            chosen=ExgrmBatch(both.tokens[:n], both.attention_mask[:n]),
+            rejected=ExgrmBatch(both.tokens[n:], both.attention_mask[n:]),
         )
     else:
         encode = functools.partial(encode_pairs, tok, **enc)
@@ -322,3 +345,23 @@ def run(
         data_info={**texts.info, **{k: values[k] for k in MODEL_KEYS}},
         progress=progress,
     )
+
+
+REWARD_LABELS = {
+    "ex": "EX-RM",
+    "ex-mean": "EX-RM (mean)",
+    "im": "IM-RM",
+    "im-noref": "IM-RM (no ref)",
+    "exgrm": "EX-GRM",
+}
+
+
+def table(plan: Any, finals: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    """The Persona table of a plan's runs: a column per run, labelled by its reward type when only that varies."""
+    only_reward = [a for a, v in plan.grid.items() if len(v) > 1] == ["reward"]
+    columns = {}
+    for spec in plan.runs():
+        if spec.name in finals:
+            label = REWARD_LABELS.get(spec.values["reward"], spec.name) if only_reward else spec.name
+            columns[label] = finals[spec.name]
+    return persona_table(columns)

@@ -56,9 +56,17 @@ def attention_masks(config: DecoderConfig, attention_mask: Int[Array, "B T"]) ->
 
 
 class Decoder(nn.Module):
-    """Embedding, L blocks, final norm (paper-spec §1: `hidden_states[-1]`)."""
+    """Embedding, L blocks, final norm (paper-spec §1: `hidden_states[-1]`).
+
+    `start` and `stop` run a slice of the stack: blocks start … stop − 1. `residual` (the residual stream after
+    block start − 1, or the scaled embeddings for start = 0) replaces embedding the token ids; `final_norm=False`
+    returns the residual stream itself. Training uses this to run frozen lower blocks once and cache them.
+    """
 
     config: DecoderConfig
+    start: int = 0
+    stop: int | None = None
+    final_norm: bool = True
 
     @nn.compact
     def __call__(
@@ -67,12 +75,17 @@ class Decoder(nn.Module):
         attention_mask: Int[Array, "B T"],
         positions: Int[Array, "B T"] | None = None,
         attn_mask: Bool[Array, "B T S"] | None = None,
+        residual: Float[Array, "B T D"] | None = None,
     ) -> Float[Array, "B T D"]:
         c = self.config
-        table = nn.Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(0.02), name="embed")
-        x = table.embedding[tokens]
-        if c.embed_scale:
-            x = x * jnp.asarray(c.d_model**0.5, dtype=x.dtype)
+        stop = c.n_layers if self.stop is None else self.stop
+        if residual is None:
+            table = nn.Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(0.02), name="embed")
+            x = table.embedding[tokens]
+            if c.embed_scale:
+                x = x * jnp.asarray(c.d_model**0.5, dtype=x.dtype)
+        else:
+            x = residual
         if positions is None:
             positions = positions_from_mask(attention_mask)
         cos, sin = rope_angles(c, positions, x.dtype)
@@ -83,10 +96,10 @@ class Decoder(nn.Module):
             if c.sliding_window is not None:
                 near = positions[:, :, None] - positions[:, None, :] < c.sliding_window
                 masks["sliding"] = attn_mask & near
-        for i in range(c.n_layers):
+        for i in range(self.start, stop):
             kind = c.layer_types[i]
             x = Block(c, sliding=kind == "sliding", name=f"layers_{i}")(x, cos, sin, masks[kind])
-        return Norm(c, name="final_norm")(x)
+        return Norm(c, name="final_norm")(x) if self.final_norm else x
 
 
 def unembedding(params: Params) -> Float[Array, "V D"]:
@@ -121,6 +134,20 @@ class LM:
         of one prompt in a single pass, each at the same position and reading only the prompt and itself.
         """
         return self.module.apply({"params": params}, tokens, attention_mask, positions, attn_mask)
+
+    def lower(
+        self, params: Params, tokens: Int[Array, "B T"], attention_mask: Int[Array, "B T"], stop: int
+    ) -> Float[Array, "B T D"]:
+        """The residual stream after the input embedding and blocks 0 … stop − 1."""
+        return Decoder(self.config, stop=stop, final_norm=False).apply({"params": params}, tokens, attention_mask)
+
+    def upper(
+        self, params: Params, residual: Float[Array, "B T D"], attention_mask: Int[Array, "B T"], start: int
+    ) -> Float[Array, "B T D"]:
+        """Final hidden states from the residual stream after block start − 1: upper(lower(·, k), k) = forward."""
+        return Decoder(self.config, start=start).apply(
+            {"params": params}, None, attention_mask, residual=residual
+        )
 
     def unembed(self, params: Params, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
         """Logits W h, soft-capped for Gemma 2: softmax over V is the next-token distribution."""

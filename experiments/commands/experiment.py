@@ -1,0 +1,101 @@
+"""`rmdyn experiment NAME`: run one of the paper's experiments from its plan (experiments/configs/NAME.toml).
+
+A plan is a base config plus an options grid (the official code's plan style); a preset adapts it to a
+machine: `cpu` runs here (SmolLM2-135M, a few blocks trained), `paper` is the paper's setting (its models as
+local paths, full-parameter training, lr 1e-6). Every grid combination is one run in OUT/<run name>/
+(config.json, metrics.jsonl, summary.json, checkpoints/); OUT/results.json holds the plan and the table.
+
+Examples:
+
+    rmdyn experiment persona --preset cpu
+    rmdyn experiment persona --preset cpu --set reward=im --set epochs=2 --out runs/persona-smoke
+    rmdyn experiment persona --preset cpu --out runs/persona-cpu --resume      # after Ctrl-C or a kill
+
+Every run's data and options are checked before the first one trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+#: plan `experiment` key → runner module (exposing `validate(values)` and `run(values, run_dir, ...)`).
+RUNNERS = {"persona": "experiments.persona"}
+
+
+def register(subparsers: Any) -> None:
+    """Adds the `experiment` sub-command (no heavy imports here)."""
+    parser = subparsers.add_parser(
+        "experiment",
+        help="run a paper experiment from its plan (persona): a base config, presets and an options grid",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("name", help="a bundled plan (persona) or a path to a .toml plan")
+    parser.add_argument("--preset", default="cpu", help="preset of the plan: cpu (default) or paper")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key (type-checked; a grid axis becomes one value); options.KEY=[json list] sets an axis",
+    )
+    parser.add_argument("--out", default=None, help="output directory (default runs/<name>-<preset>)")
+    parser.add_argument("--resume", action="store_true", help="continue the runs in --out from their checkpoints")
+    parser.add_argument("--dry-run", action="store_true", help="check the plan and the data, print the runs, stop")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import importlib
+    import json
+    from pathlib import Path
+
+    from dynamics.errors import ConfigError
+    from experiments.config import load_plan
+
+    plan = load_plan(args.name, args.preset, args.overrides)
+    if plan.experiment not in RUNNERS:
+        raise ConfigError(f"{plan.source}: unknown experiment {plan.experiment!r}; known: {', '.join(RUNNERS)}")
+    runner = importlib.import_module(RUNNERS[plan.experiment])
+    runs = plan.runs()
+    for spec in runs:  # every run's options and data are checked before anything trains
+        runner.validate(spec.values)
+    out = Path(args.out or f"runs/{plan.name}-{plan.preset or 'base'}")
+    print(f"{plan.name} ({plan.preset or 'no preset'}): {len(runs)} run(s) → {out}")
+    for spec in runs:
+        print(f"  {spec.name}")
+    if args.dry_run:
+        print(json.dumps(plan.to_dict(), indent=1))
+        return 0
+    if not args.resume:
+        taken = [spec.name for spec in runs if (out / spec.name / "config.json").exists()]
+        if taken:
+            raise ConfigError(f"{out} already holds the runs {taken}; pass --resume or choose another --out")
+
+    from dynamics.loading import load
+    from dynamics.train import atomic_write_json
+
+    models: dict[tuple[str, str], Any] = {}
+    finals: dict[str, Any] = {}
+    for spec in runs:
+        key = (spec.values["model"], spec.values["dtype"])
+        if key not in models:
+            models.clear()  # one model in memory at a time
+            models[key] = load(key[0], dtype=key[1])
+        print(f"\n== {spec.name}")
+        result = runner.run(
+            spec.values, out / spec.name, resume=args.resume, progress=not args.no_progress, loaded=models[key]
+        )
+        finals[spec.name] = dict(result.final_eval)
+        print(f"   {result.steps} steps, {result.timing['total_s']:.0f} s, final eval written to {result.run_dir}")
+    report = {"plan": plan.to_dict(), "runs": {s.name: s.to_dict() for s in runs}, "final_eval": finals}
+    if hasattr(runner, "table"):
+        table = runner.table(plan, finals)
+        report["table"] = table
+        print("\n" + runner.format_table(table))
+    atomic_write_json(out / "results.json", report)
+    print(f"\nwrote {out / 'results.json'}")
+    return 0
