@@ -27,10 +27,12 @@ __all__ = [
     "PersonaRow",
     "PreferenceRow",
     "TorchCompatibleGenerator",
+    "UnseenPair",
     "bundled_data_names",
     "bundled_data_path",
     "load_persona",
     "load_preferences",
+    "load_unseen_pairs",
     "persona_split",
 ]
 
@@ -80,6 +82,26 @@ class PersonaRow:
     answer_matching_behavior: str
     answer_not_matching_behavior: str
     label_confidence: float | None
+    source: str
+    line: int
+
+
+@dataclasses.dataclass(frozen=True)
+class UnseenPair:
+    """One unseen pair (x̄, ȳ) whose one-step reward change Δr is predicted (paper-spec §1, §3).
+
+    Attributes:
+      prompt: the user prompt x̄ (no chat template).
+      response: the response ȳ.
+      label: a short name for tables and figures: the row's "label" field, "chosen" / "rejected" for the two
+        pairs a preference row expands into, or None.
+      source: the file it came from.
+      line: its 1-based line number.
+    """
+
+    prompt: str
+    response: str
+    label: str | None
     source: str
     line: int
 
@@ -156,6 +178,43 @@ def load_preferences(path: str | os.PathLike) -> list[PreferenceRow]:
         seen[row_id] = n
         rows.append(PreferenceRow(prompt, chosen, rejected, row_id, str(path), n))
     return rows
+
+
+def load_unseen_pairs(path: str | os.PathLike) -> list[UnseenPair]:
+    """Load unseen pairs (x̄, ȳ) from a JSONL file.
+
+    Each line is either a pair, {"prompt", "response", optional "label"}, or a preference row,
+    {"prompt", "chosen", "rejected"}, which expands into two pairs labelled "chosen" and "rejected" (in that
+    order). A row with a "response" field is a pair; other fields are ignored.
+
+    Args:
+      path: the JSONL file.
+
+    Returns:
+      The pairs, in file order.
+
+    Raises:
+      DataError: naming the file and line of the first malformed row (not JSON, not an object, a missing,
+        non-string or empty field, a non-string label), or an empty file.
+    """
+    pairs = []
+    for n, obj in _read_jsonl(path):
+        where = f"{path} line {n}"
+        prompt = _text_field(obj, "prompt", where)
+        if "response" in obj:
+            label = obj.get("label")
+            if label is not None and (not isinstance(label, str) or not label.strip()):
+                raise DataError(f"{where}: field 'label' must be a non-empty string, got {label!r}")
+            pairs.append(UnseenPair(prompt, _text_field(obj, "response", where), label, str(path), n))
+        elif "chosen" in obj or "rejected" in obj:
+            for key in ("chosen", "rejected"):
+                pairs.append(UnseenPair(prompt, _text_field(obj, key, where), key, str(path), n))
+        else:
+            raise DataError(
+                f"{where}: expected a pair {{prompt, response[, label]}} or a preference row "
+                f"{{prompt, chosen, rejected}}; fields: {sorted(obj)}"
+            )
+    return pairs
 
 
 def load_persona(path: str | os.PathLike, *, answer: str = "Yes") -> list[PersonaRow]:

@@ -156,6 +156,16 @@ def _reward(rm: RewardModel, params, batch):
 reward_jit = jax.jit(_reward, static_argnums=0)
 
 
+def reference_is_policy(rm: RewardModel, params) -> bool:
+    """Whether an IM-RM's π_θ has exactly π_ref's parameters (the same arrays, or bitwise equal ones)."""
+    if not isinstance(rm, ImplicitRM) or rm.reference_free or "ref" not in params:
+        return False
+    a, b = jax.tree.leaves(params["lm"]), jax.tree.leaves(params["ref"])
+    if len(a) != len(b):
+        return False
+    return all(x is y or (x.shape == y.shape and bool(jnp.array_equal(x, y))) for x, y in zip(a, b, strict=True))
+
+
 def training_rewards(rm: RewardModel, params, train: PreferenceBatch) -> tuple[np.ndarray, np.ndarray]:
     """(r(x_i, y_i+), r(x_i, y_i−)) before the step."""
     t = strip(train)
@@ -408,11 +418,17 @@ def delta_reward(
         params = shard_params(params, mesh, param_sharding)
         train = replicate(strip(train), mesh)
     r_plus, r_minus = training_rewards(rm, params, train)
+    if reference_is_policy(rm, params):
+        r_plus, r_minus = np.zeros_like(r_plus), np.zeros_like(r_minus)
     g = np.asarray(bt_weight(jnp.asarray(r_plus), jnp.asarray(r_minus)))
     if method == "ntk":
         before, unit_delta, kern = _ntk(
             rm, params, mask, train, unseen, optimizer, decompose, chunk_size, progress, mesh
         )
+        if reference_is_policy(rm, params):
+            # π = π_ref: every IM-RM reward is 0 by definition. Decided structurally, not by comparing two
+            # differently compiled forward passes whose rounding differs (≈ 1e-7 in float32).
+            before = np.zeros_like(before)
         delta = lr * unit_delta
     else:
         before, kern = _closed_form(rm, params, train, unseen, chunk_size, vocab_chunk)

@@ -192,6 +192,7 @@ def check_step(
         lr=1.0,
         optimizer=optimizer,
         method=method,
+        decompose=False,  # the kernel terms are not needed here: one JVP direction instead of 1 + 2B
         chunk_size=chunk_size,
         progress=progress,
     )

@@ -555,7 +555,7 @@ class _Compiled:
         self.start = start
         self.traces: dict[str, int] = {"micro_step": 0, "apply": 0, "score": 0, "logprob": 0, "lower": 0}
 
-        def micro_step(train, frozen, acc, both, ref):
+        def first_micro_step(train, frozen, both, ref):
             self.traces["micro_step"] += 1
             b = both["tokens"].shape[0] // 2
 
@@ -564,9 +564,12 @@ class _Compiled:
                 return jnp.sum(losses), (losses, rc, rr)
 
             (_, (losses, rc, rr)), grads = jax.value_and_grad(total, has_aux=True)(train)
-            acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads)
             wins = jnp.sum((rc > rr).astype(jnp.float32)) + 0.5 * jnp.sum((rc == rr).astype(jnp.float32))
-            return acc, jnp.sum(losses), wins
+            return grads, jnp.sum(losses), wins
+
+        def micro_step(train, frozen, acc, both, ref):
+            grads, loss, wins = first_micro_step(train, frozen, both, ref)
+            return jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, grads), loss, wins
 
         def apply(train, opt_state, acc, n):
             self.traces["apply"] += 1
@@ -589,12 +592,14 @@ class _Compiled:
             self.traces["lower"] += 1
             return lower_hidden(rm.lm, lm_params, tokens, mask, start)
 
+        self.first_micro_step = jax.jit(first_micro_step)
         self.micro_step = jax.jit(micro_step, donate_argnums=(2,))
-        self.apply = jax.jit(apply)
+        # donating the parameters and the optimizer state lets XLA update them in place: on CPU,
+        # allocating fresh outputs for a 135M-parameter Adam step costs several times the arithmetic
+        self.apply = jax.jit(apply, donate_argnums=(0, 1))
         self.score = jax.jit(score)
         self.logprob = jax.jit(logprob)
         self.lower = jax.jit(lower)
-        self.zeros = jax.jit(lambda t: jax.tree.map(jnp.zeros_like, t))
 
     def prepare(self, fields: Mapping[str, np.ndarray], rows: np.ndarray, bucket: int) -> dict[str, np.ndarray]:
         """Rows of one sequence set cut to their bucketed length, with IM-RM response positions added."""
@@ -1069,6 +1074,9 @@ def train(
     ref_params = params.get("ref") if isinstance(rm, ImplicitRM) and not rm.reference_free else None
     # The step never reads π_ref (its log-probs are cached): keep it out of the traced trees.
     train_tree = {k: v for k, v in train_tree.items() if k != "ref"}
+    # a private copy: the update donates (reuses) these buffers, and π_ref, the caller's params and `frozen` may
+    # share them (the IM-RM's reference is the initial model, the same arrays)
+    train_tree = jax.tree.map(jnp.copy, train_tree)
     frozen = {k: v for k, v in frozen.items() if k != "ref"}
     eval_fields = {name: _fields(batch) for name, batch in suite.sequences.items()}
     start = frozen_prefix(params, mask, rm.lm.config.n_layers) if config.cache_frozen_blocks else 0
@@ -1234,11 +1242,15 @@ def train(
                 plan_epoch = epoch
             t0 = time.perf_counter()
             micro_batches = plan[step_in_epoch]
-            new_train, new_opt, stats = _one_step(
-                compiled, train_tree, frozen, opt_state, micro_batches, data, ref_train, config
-            )
-            with _deferred_interrupt():  # a Ctrl-C here would split the step from its log line
-                train_tree, opt_state, step, step_in_epoch = new_train, new_opt, step + 1, step_in_epoch + 1
+            acc, stats = _accumulate(compiled, train_tree, frozen, micro_batches, data, ref_train, config)
+            # the update consumes (donates) the old parameters and optimizer state: a Ctrl-C between the update
+            # and the assignment would leave nothing valid to checkpoint, so it waits until both are done
+            with _deferred_interrupt():
+                train_tree, opt_state, gnorm = compiled.apply(
+                    train_tree, opt_state, acc, jnp.asarray(stats["rows"], jnp.float32)
+                )
+                stats["grad_norm"] = float(gnorm)
+                step, step_in_epoch = step + 1, step_in_epoch + 1
                 last = stats
                 if step % config.log_every_steps == 0 or step == total_steps:
                     epochs_done = _epochs_done(step, epoch, step_in_epoch, steps_per_epoch)
@@ -1299,9 +1311,13 @@ def _deferred_interrupt():
         raise KeyboardInterrupt
 
 
-def _one_step(compiled, train_tree, frozen, opt_state, micro_batches, data, ref_train, config):
-    """One optimizer step: Σ of per-row gradients over the micro-batches, divided by the rows, then the update."""
-    acc = compiled.zeros(train_tree)
+def _accumulate(compiled, train_tree, frozen, micro_batches, data, ref_train, config):
+    """Σ of per-row gradients over the micro-batches of one step, and the step's loss and accuracy.
+
+    The first micro-batch's gradients start the sum (no zero tree is allocated); later ones are added in place
+    (the accumulator is donated).
+    """
+    acc = None
     loss_sum, wins, rows = 0.0, 0.0, 0
     for idx in micro_batches:
         chosen, rejected = take_rows([data["chosen"], data["rejected"]], idx, config.bucket)
@@ -1311,16 +1327,12 @@ def _one_step(compiled, train_tree, frozen, opt_state, micro_batches, data, ref_
         both = _concat(chosen, rejected)
         if isinstance(compiled.rm, ImplicitRM):
             both.update(response_index(both["tokens"], both["response_mask"], config.bucket))
-        acc, l_sum, w_sum = compiled.micro_step(train_tree, frozen, acc, both, ref)
+        if acc is None:
+            acc, l_sum, w_sum = compiled.first_micro_step(train_tree, frozen, both, ref)
+        else:
+            acc, l_sum, w_sum = compiled.micro_step(train_tree, frozen, acc, both, ref)
         loss_sum, wins, rows = loss_sum + l_sum, wins + w_sum, rows + len(idx)
-    new_train, new_opt, gnorm = compiled.apply(train_tree, opt_state, acc, jnp.asarray(rows, jnp.float32))
-    stats = {
-        "loss": float(loss_sum) / rows,
-        "accuracy": float(wins) / rows,
-        "grad_norm": float(gnorm),
-        "rows": rows,
-    }
-    return new_train, new_opt, stats
+    return acc, {"loss": float(loss_sum) / rows, "accuracy": float(wins) / rows, "rows": rows}
 
 
 def _epochs_done(step: int, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:

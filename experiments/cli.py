@@ -17,6 +17,11 @@ COMMAND_MODULES = (
     "theorem1",
     "theorem2",
     "bench",
+    "experiment",
+    "delta",
+    "rho",
+    "check_step",
+    "demo",
 )
 
 

@@ -154,3 +154,61 @@ def test_bundled_data_paths():
         bundled_data_path("nope")
     with pytest.raises(DataError, match="ambiguous bundled data file 'README.md'"):
         bundled_data_path("README.md")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# load_unseen_pairs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_load_unseen_pairs_reads_pairs_and_expands_preference_rows(tmp_path):
+    from dynamics.datasets import UnseenPair, load_unseen_pairs
+
+    path = _write(
+        tmp_path,
+        [
+            json.dumps({"prompt": "p1", "response": "a", "label": "para+"}),
+            json.dumps({"prompt": "p2", "response": "b", "extra": 3}),
+            json.dumps(GOOD),
+        ],
+        "unseen.jsonl",
+    )
+    assert load_unseen_pairs(path) == [
+        UnseenPair("p1", "a", "para+", str(path), 1),
+        UnseenPair("p2", "b", None, str(path), 2),
+        UnseenPair("p", "c", "chosen", str(path), 3),
+        UnseenPair("p", "r", "rejected", str(path), 3),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ('{"prompt": "p", "response": ', r"line 2: not valid JSON"),
+        ('{"prompt": "p", "response": ""}', r"line 2: field 'response' is empty"),
+        ('{"prompt": "p", "response": "  \\n"}', r"line 2: field 'response' is empty"),
+        ('{"response": "r"}', r"line 2: missing field 'prompt'"),
+        ('{"prompt": "p", "chosen": "c"}', r"line 2: missing field 'rejected'"),
+        ('{"prompt": "p", "rejected": ""}', r"line 2: missing field 'chosen'"),
+        ('{"prompt": "p", "chosen": "c", "rejected": " "}', r"line 2: field 'rejected' is empty"),
+        ('{"prompt": "p"}', r"line 2: expected a pair \{prompt, response\[, label\]\} or a preference row"),
+        ('{"prompt": "p", "response": "r", "label": 3}', r"line 2: field 'label' must be a non-empty string"),
+        ('"just a string"', r"line 2: expected a JSON object, got str"),
+    ],
+)
+def test_load_unseen_pairs_names_file_and_line(tmp_path, bad_line, message):
+    from dynamics.datasets import load_unseen_pairs
+
+    path = _write(tmp_path, [json.dumps({"prompt": "p", "response": "r"}), bad_line], "unseen.jsonl")
+    with pytest.raises(DataError, match=message) as info:
+        load_unseen_pairs(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_unseen_pairs_empty_file(tmp_path):
+    from dynamics.datasets import load_unseen_pairs
+
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(DataError, match="no rows"):
+        load_unseen_pairs(path)

@@ -189,3 +189,17 @@ def test_no_silent_recompilation(x64):
         p2 = jax.tree.map(lambda a: a * 1.01, p)
         delta_reward(rm, p2, train, unseen2, params_spec=spec, lr=0.2, method=method, chunk_size=2)
         assert dict(TRACE_COUNTS) == first, (spec, first, dict(TRACE_COUNTS))
+
+
+def test_im_rewards_at_initialisation_are_exact_ties():
+    """π_θ = π_ref: rewards before the step are exactly 0 (structural), and the BT weight exactly ½."""
+    lm = LM(_config())
+    params = lm.init(jax.random.PRNGKey(0))  # float32, as users run it
+    rng = np.random.default_rng(0)
+    train = PreferenceBatch(_pairs(rng, 1, 9, 4), _pairs(rng, 1, 9, 4))
+    unseen = _pairs(rng, 5, 10, 3)
+    rm = ImplicitRM(lm, beta=0.5)
+    res = delta_reward(rm, rm.init(params), train, unseen, params_spec="all", lr=0.1)
+    assert np.all(res.reward_before == 0.0)
+    assert np.all(res.bt_weight == 0.5)
+    assert np.abs(res.delta).max() > 0

@@ -311,15 +311,13 @@ def test_bad_config(kwargs: dict, match: str) -> None:
         Theorem2Config(**kwargs)
 
 
-def test_model_source_not_available_yet() -> None:
-    import importlib.util
-
+def test_bad_source_arguments() -> None:
     from experiments.commands.theorem2 import load_problem
 
-    if importlib.util.find_spec("experiments.theorem2_model") is not None:
-        pytest.skip("experiments.theorem2_model exists")
-    with pytest.raises(ConfigError, match=r"--source model is not available yet"):
-        load_problem("model", 2, 0)
+    with pytest.raises(ConfigError, match=r"--source must be 'synthetic' or 'model'"):
+        load_problem("llm", 2, 0)
+    with pytest.raises(ConfigError, match=r"--seeds must be >= 1"):
+        load_problem("model", 0, 0)
 
 
 def test_synthetic_problem_is_deterministic_per_key() -> None:

@@ -14,6 +14,9 @@ from typing import Any
 
 BENCH_TARGETS: dict[str, str] = {
     "theorem2": "experiments.bench_theorem2",
+    "delta": "experiments.bench_delta",
+    "rho": "experiments.bench_rho",
+    "train": "experiments.bench_train",
 }
 
 

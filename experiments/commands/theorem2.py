@@ -4,8 +4,8 @@ Trains an EX-RM head u and an IM-RM unembedding W by full-batch gradient descent
 records cos(u(t), u*) and the accuracies on pairs of unseen tokens, for many seeds at once (jit + vmap).
 Writes theorem2.png and theorem2.json (every recorded number) under --out.
 
-Sources: `synthetic` (paper-spec §5 "Simulation recipe") or `model` (SmolLM2 hidden states; provided by
-experiments.theorem2_model.model_problem(n_seeds=..., seed=...) once that module exists).
+Sources: `synthetic` (paper-spec §5 "Simulation recipe") or `model` (SmolLM2's hidden states and unembedding on
+Persona prompts with one-token answers: experiments.theorem2_model).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def load_problem(source: str, n_seeds: int, seed: int) -> Any:
     """The batched `Theorem2Problem` of a source.
 
     Raises:
-      ConfigError: `model` while experiments.theorem2_model (with `model_problem`) does not exist yet.
+      ConfigError: an unknown source or a seed count below 1.
     """
     from dynamics.errors import ConfigError
 
@@ -63,23 +63,7 @@ def load_problem(source: str, n_seeds: int, seed: int) -> Any:
         return synthetic_problems(seed, n_seeds)
     if source != "model":
         raise ConfigError(f"--source must be 'synthetic' or 'model', got {source!r}")
-    import importlib
-
-    try:
-        module = importlib.import_module("experiments.theorem2_model")
-    except ModuleNotFoundError as err:
-        if err.name not in ("experiments.theorem2_model", "experiments"):
-            raise
-        raise ConfigError(
-            "--source model is not available yet: experiments/theorem2_model.py (with "
-            "model_problem(n_seeds, seed) -> theory.Theorem2Problem) has not been written; "
-            "use --source synthetic"
-        ) from None
-    model_problem = getattr(module, "model_problem", None)
-    if model_problem is None:
-        raise ConfigError(
-            "--source model is not available yet: experiments.theorem2_model has no function model_problem"
-        )
+    from experiments.theorem2_model import model_problem
     from theory.theorem2 import broadcast_problem
 
     return broadcast_problem(model_problem(n_seeds=n_seeds, seed=seed), n_seeds)
