@@ -22,6 +22,8 @@ COMMAND_MODULES = (
     "rho",
     "check_step",
     "demo",
+    "footnote3",
+    "figures",
 )
 
 

@@ -145,9 +145,7 @@ class LM:
         self, params: Params, residual: Float[Array, "B T D"], attention_mask: Int[Array, "B T"], start: int
     ) -> Float[Array, "B T D"]:
         """Final hidden states from the residual stream after block start − 1: upper(lower(·, k), k) = forward."""
-        return Decoder(self.config, start=start).apply(
-            {"params": params}, None, attention_mask, residual=residual
-        )
+        return Decoder(self.config, start=start).apply({"params": params}, None, attention_mask, residual=residual)
 
     def unembed(self, params: Params, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
         """Logits W h, soft-capped for Gemma 2: softmax over V is the next-token distribution."""

@@ -20,18 +20,26 @@ import argparse
 from typing import Any
 
 #: plan `experiment` key → runner module (exposing `validate(values)` and `run(values, run_dir, ...)`).
-RUNNERS = {"persona": "experiments.persona"}
+RUNNERS = {
+    "persona": "experiments.persona",
+    "hamiltonian": "experiments.hamiltonian",
+    "ultrafeedback": "experiments.ultrafeedback",
+}
 
 
 def register(subparsers: Any) -> None:
     """Adds the `experiment` sub-command (no heavy imports here)."""
     parser = subparsers.add_parser(
         "experiment",
-        help="run a paper experiment from its plan (persona): a base config, presets and an options grid",
+        help="run a paper experiment from its plan (persona, hamiltonian, ultrafeedback, ...)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("name", help="a bundled plan (persona) or a path to a .toml plan")
+    parser.add_argument(
+        "name",
+        help="a bundled plan (persona, persona_ablations, hamiltonian, ultrafeedback, ultrafeedback_ablations, "
+        "rewardmath) or a path to a .toml plan",
+    )
     parser.add_argument("--preset", default="cpu", help="preset of the plan: cpu (default) or paper")
     parser.add_argument(
         "--set",
