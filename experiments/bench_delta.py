@@ -41,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed repetitions, the minimum is kept (default 2)")
     parser.add_argument("--reward", choices=("ex", "im"), default="im", help="reward type (default im)")
     parser.add_argument("--model", default=None, metavar="PATH", help="model (default SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--memory",
+        default=None,
+        metavar="B,B,...",
+        help="instead of timing: compiled peak memory of ntk Δr (chunks of --chunk-size) and of a baseline that "
+        "materializes all B per-example gradients at once, for each B (e.g. 8,16,32,64,128,256); nothing runs",
+    )
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -170,6 +177,74 @@ def bench_delta(
     }
 
 
+def _per_example_grad_dots(rm: Any, train_tree: Any, frozen: Any, direction: Any, batch: Any) -> Any:
+    """⟨∇r(u_i), direction⟩ through per-example gradients: vmap over rows of grad of one row's reward.
+
+    Each row is its own forward and backward (a batch of one), so the gradients [B, n_params] are materialized and
+    memory grows linearly in B: the honest per-example-gradient baseline of the memory curve.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from dynamics.masks import combine
+
+    def one(row: Any) -> Any:
+        row1 = jax.tree.map(lambda x: x[None], row)
+        return jax.grad(lambda tr: rm.reward(combine(tr, frozen), row1)[0])(train_tree)
+
+    grads = jax.vmap(one)(batch)
+    dots = jax.tree.map(lambda g, d: jnp.einsum("B...,...->B", g, d.astype(g.dtype)), grads, direction)
+    return sum(jax.tree.leaves(dots))
+
+
+def _abstract(tree: Any) -> Any:
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def memory_curve(loaded: Any, sizes: list[int], chunk_size: int = 16, reward: str = "im") -> dict[str, Any]:
+    """XLA's compiled peak memory (temporaries + outputs, bytes) for B unseen pairs, without running anything.
+
+    ntk: the VJP for the direction (independent of B) and the JVP of one chunk of `chunk_size` pairs (the same
+    executable for every chunk, so the peak is flat in B once B ≥ chunk_size). Baseline: the per-example gradients
+    of all B pairs at once (vmap of a one-row gradient: a [B, n_params] array) and their dot products with the
+    direction.
+    """
+    import jax
+
+    from dynamics.delta import _jvp_rewards_jit, strip, unit_update
+    from dynamics.masks import partition, prepare, trainable_mask
+    from experiments.commands._dynamics import encode, reward_model
+    from experiments.dynamics_demo import demo_triple
+
+    rm, params = reward_model(reward, loaded)
+    rm, params, spec = prepare(rm, params, "all")
+    mask = trainable_mask(rm, params, spec)
+    train_tree, frozen = partition(params, mask)
+    train, unseen = encode(loaded, [demo_triple()], bench_pairs(max(sizes)))
+    t_train = strip(train)
+    vjp_c = jax.jit(unit_update, static_argnums=(0, 4)).lower(rm, train_tree, frozen, t_train, "sgd").compile()
+
+    def peak(compiled) -> int:
+        m = compiled.memory_analysis()
+        return int(m.temp_size_in_bytes + m.output_size_in_bytes)
+
+    direction = _abstract(train_tree)
+    rows = []
+    for B in sizes:
+        chunk = strip(unseen.select(range(min(B, chunk_size))))
+        tangents = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), train_tree)
+        jvp_c = _jvp_rewards_jit.lower(rm, train_tree, frozen, tangents, _abstract(chunk)).compile()
+        full = strip(unseen.select(range(B)))
+        base_fn = jax.jit(_per_example_grad_dots, static_argnums=0)
+        base_c = base_fn.lower(rm, train_tree, frozen, direction, _abstract(full)).compile()
+        rows.append({"B": B, "ntk_bytes": max(peak(vjp_c), peak(jvp_c)), "baseline_bytes": peak(base_c)})
+    params_bytes = sum(x.nbytes for x in jax.tree.leaves(train_tree))
+    return {"model": loaded.name, "reward": reward, "chunk_size": chunk_size, "trainable_bytes": params_bytes,
+            "rows": rows}  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     """Prints the benchmark."""
     from dynamics.errors import ConfigError
@@ -178,6 +253,22 @@ def run(args: argparse.Namespace) -> int:
     if min(args.pairs, args.chunk_size, args.grad_chunk_size, args.repeats) < 1:
         raise ConfigError("--pairs, --chunk-size, --grad-chunk-size and --repeats must be ≥ 1")
     loaded = load_model(args)
+    if args.memory:
+        try:
+            sizes = [int(x) for x in args.memory.split(",")]
+        except ValueError as err:
+            raise ConfigError(f"--memory must be comma-separated integers, got {args.memory!r}") from err
+        if min(sizes) < 1:
+            raise ConfigError("--memory sizes must be ≥ 1")
+        m = memory_curve(loaded, sizes, args.chunk_size, args.reward)
+        gib = 2**30
+        print(f"bench delta --memory: compiled peak memory (XLA temporaries + outputs), {m['reward'].upper()}-RM, "
+              f"all parameters ({m['trainable_bytes'] / gib:.2f} GiB), ntk chunks of {m['chunk_size']}")  # fmt: skip
+        print(f"{'B':>5} {'ntk GiB':>9} {'per-example baseline GiB':>25} {'baseline/ntk':>13}")
+        for row in m["rows"]:
+            a, b = row["ntk_bytes"] / gib, row["baseline_bytes"] / gib
+            print(f"{row['B']:>5} {a:>9.2f} {b:>25.2f} {b / a:>13.1f}")
+        return 0
     r = bench_delta(loaded, args.pairs, args.chunk_size, args.grad_chunk_size, args.repeats, args.reward)
     f, b = r["first_call_s"], r["best_s"]
     print(

@@ -2,8 +2,13 @@
 
 Targets are registered in `BENCH_TARGETS`: a name mapped to the module that implements it. A target module
 exposes `DESCRIPTION` (one line), `add_arguments(parser)` and `run(args) -> int`, and must not import JAX at
-module level (registration has to stay cheap). To add a target such as `delta`, write
-experiments/bench_delta.py with those three names and add `"delta": "experiments.bench_delta"` here.
+module level (registration has to stay cheap).
+
+    rmdyn bench theorem2    # 100 seeds: vmapped simulator vs a loop over seeds
+    rmdyn bench delta       # 64 pairs: eNTK Δr vs one forward pass vs per-example gradients
+    rmdyn bench delta --memory 8,16,32,64,128,256     # compiled peak memory, eNTK vs per-example gradients
+    rmdyn bench rho         # |ȳ| = |v| = 512: vocabulary-chunked ρ vs the full-vocabulary computation
+    rmdyn bench train       # IM-RM training step: rmdyn (JAX) vs transformers + torch.optim.Adam
 """
 
 from __future__ import annotations
