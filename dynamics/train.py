@@ -24,6 +24,10 @@ Design:
   (`response_index`), |y| rows of V logits per sequence instead of T.
 - The gradient of a step is Σ_i ∇ℓ_i over its micro-batches divided by the number of rows, so accumulation
   equals the full-batch step of the batch-mean loss, also for a short last batch.
+- Several devices: `train(..., mesh=dynamics.sharding.make_mesh(n))` places the parameters and the optimizer
+  state by `param_sharding` (replicated, or FSDP) and splits every micro-batch and evaluation chunk along its
+  rows; the jitted functions are the same (GSPMD propagates the shardings), and so are the numbers, up to the
+  order of float reductions.
 
 Run directory:
 
@@ -99,9 +103,11 @@ __all__ = [
 
 REWARD_KINDS = ("ex", "ex-mean", "im", "im-noref", "exgrm")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+PARAM_SHARDINGS = ("replicate", "fsdp")
 _CHECKPOINT_FORMAT = 1
-# TrainConfig fields that may change when a run is resumed (they do not change the trajectory before the end).
-RESUMABLE_CHANGES = ("epochs", "max_steps", "checkpoint_every_steps", "keep_checkpoints")
+# TrainConfig fields that may change when a run is resumed: they do not change the trajectory before the end, or
+# (param_sharding, like the device count) only where the arrays live, which changes nothing but float rounding.
+RESUMABLE_CHANGES = ("epochs", "max_steps", "checkpoint_every_steps", "keep_checkpoints", "param_sharding")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,6 +153,9 @@ class TrainConfig:
         `last:K`), run those blocks once per sequence and cache their output (a pure speed-up: the upper
         blocks then run on the cached residual stream).
       cache_max_gb: the cache is skipped when it would exceed this many GiB (rows × T × D floats).
+      param_sharding: with a device mesh (`train(..., mesh=...)`): "replicate" the parameters and the optimizer
+        state on every device (data parallelism) or split each matrix over the devices ("fsdp", each device
+        holds about 1/n of them; `dynamics.sharding`). Without a mesh it has no effect.
     """
 
     reward: str = "im"
@@ -176,10 +185,15 @@ class TrainConfig:
     tie_tol: float = 0.0
     cache_frozen_blocks: bool = True
     cache_max_gb: float = 4.0
+    param_sharding: str = "replicate"
 
     def __post_init__(self):
         if self.reward not in REWARD_KINDS:
             raise ConfigError(f"reward must be one of {', '.join(REWARD_KINDS)}; got {self.reward!r}")
+        if self.param_sharding not in PARAM_SHARDINGS:
+            raise ConfigError(
+                f"param_sharding must be one of {', '.join(PARAM_SHARDINGS)}; got {self.param_sharding!r}"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         positive = ("batch_size", "micro_batch_size", "bucket", "eval_batch_size", "log_every_steps")
@@ -621,6 +635,35 @@ def _optimizer_key(config: TrainConfig) -> tuple[Any, ...]:
     return tuple((f, getattr(config, f)) for f in fields)
 
 
+def _n_devices(mesh: Any) -> int:
+    """Devices along the mesh's "data" axis (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    from dynamics.sharding import AXIS
+
+    return int(mesh.shape[AXIS])
+
+
+def _eval_chunk(config: TrainConfig, mesh: Any = None) -> int:
+    """Rows per evaluation / precompute chunk: `eval_batch_size`, rounded up to a multiple of the mesh's devices."""
+    n = _n_devices(mesh)
+    return -(-config.eval_batch_size // n) * n
+
+
+def _on_mesh(tree: Any, mesh: Any) -> Any:
+    """One micro-batch or chunk (arrays with rows first) as the jitted functions take it.
+
+    Without a mesh: unchanged (host arrays). On a mesh: split along the rows over its devices, or replicated
+    when the rows do not divide (only the short last micro-batch of an epoch can be such).
+    """
+    if mesh is None:
+        return tree
+    from dynamics.sharding import replicate, shard_batch
+
+    rows = np.shape(jax.tree.leaves(tree)[0])[0]
+    return shard_batch(tree, mesh) if rows % _n_devices(mesh) == 0 else replicate(tree, mesh)
+
+
 def _chunks(n: int, size: int) -> list[tuple[np.ndarray, int]]:
     """Row chunks of exactly `size` rows (the last one padded by repeating its last row) and their real counts.
 
@@ -633,7 +676,9 @@ def _chunks(n: int, size: int) -> list[tuple[np.ndarray, int]]:
     return out
 
 
-def _add_lower_cache(compiled: _Compiled, lm_params: Params, fields: dict[str, np.ndarray], chunk: int, bucket: int):
+def _add_lower_cache(
+    compiled: _Compiled, lm_params: Params, fields: dict[str, np.ndarray], chunk: int, bucket: int, mesh: Any = None
+):
     """Adds "x" [n, T, D]: the residual stream after the frozen blocks 0 … start − 1, computed once per row."""
     tokens, mask = fields["tokens"], fields["attention_mask"]
     n, full = tokens.shape
@@ -641,7 +686,7 @@ def _add_lower_cache(compiled: _Compiled, lm_params: Params, fields: dict[str, n
     x = None
     for idx, k in _chunks(n, chunk):
         part = take_rows([{"tokens": tokens, "attention_mask": mask}], idx, bucket)[0]
-        out = np.asarray(compiled.lower(lm_params, part["tokens"], part["attention_mask"]))
+        out = np.asarray(compiled.lower(lm_params, *_on_mesh((part["tokens"], part["attention_mask"]), mesh)))
         idx, out = idx[:k], out[:k]
         if x is None:
             x = np.zeros((n, full, out.shape[-1]), out.dtype)
@@ -652,30 +697,35 @@ def _add_lower_cache(compiled: _Compiled, lm_params: Params, fields: dict[str, n
     fields["x"] = x
 
 
-def _logprobs(compiled: _Compiled, lm_params: Params | None, fields: Mapping[str, np.ndarray], config) -> np.ndarray:
+def _logprobs(
+    compiled: _Compiled, lm_params: Params | None, fields: Mapping[str, np.ndarray], config, mesh: Any = None
+) -> np.ndarray:
     """ln π(y|x) of every row under `lm_params`, float64 [n], in evaluation-sized chunks (0 when None).
 
     The IM-RM's reference log-probs and its evaluation log-probs go through this same function, chunks and
-    shapes, so that at initialization r = β (ln π_θ − ln π_ref) is exactly 0 on every row.
+    shapes (and, on a mesh, placements), so that at initialization r = β (ln π_θ − ln π_ref) is exactly 0 on
+    every row.
     """
     n = fields["tokens"].shape[0]
     if lm_params is None:
         return np.zeros(n, np.float64)
     out = [
-        np.asarray(compiled.logprob(lm_params, compiled.prepare(fields, idx, config.bucket)))[:k]
-        for idx, k in _chunks(n, config.eval_batch_size)
+        np.asarray(compiled.logprob(lm_params, _on_mesh(compiled.prepare(fields, idx, config.bucket), mesh)))[:k]
+        for idx, k in _chunks(n, _eval_chunk(config, mesh))
     ]
     return np.concatenate(out).astype(np.float64)
 
 
-def _score_set(compiled: _Compiled, params: Params, fields, ref: np.ndarray | None, config) -> np.ndarray:
+def _score_set(
+    compiled: _Compiled, params: Params, fields, ref: np.ndarray | None, config, mesh: Any = None
+) -> np.ndarray:
     """The reward of every row of one sequence set, float64 [n]."""
     if isinstance(compiled.rm, ImplicitRM):
-        lp = _logprobs(compiled, params["lm"], fields, config)
+        lp = _logprobs(compiled, params["lm"], fields, config, mesh)
         return compiled.rm.beta * (lp - ref)
     out = [
-        np.asarray(compiled.score(params, compiled.prepare(fields, idx, config.bucket)))[:k]
-        for idx, k in _chunks(fields["tokens"].shape[0], config.eval_batch_size)
+        np.asarray(compiled.score(params, _on_mesh(compiled.prepare(fields, idx, config.bucket), mesh)))[:k]
+        for idx, k in _chunks(fields["tokens"].shape[0], _eval_chunk(config, mesh))
     ]
     return np.concatenate(out).astype(np.float64)
 
@@ -721,6 +771,7 @@ def evaluate(
     fields: Mapping[str, Mapping[str, np.ndarray]],
     ref_cache: Mapping[str, np.ndarray | None],
     config: TrainConfig,
+    mesh: Any = None,
 ) -> dict[str, float]:
     """Scores every sequence set of `suite` and returns `evaluate_rewards`' metrics.
 
@@ -731,9 +782,10 @@ def evaluate(
       fields: the arrays of each sequence set (with the frozen-block cache "x" where used).
       ref_cache: ln π_ref of each set's rows (IM-RM), else None.
       config: the run's options (chunk size, bucket, tie tolerance).
+      mesh: the device mesh the parameters are placed on (`train`'s), else None; each chunk is split over it.
     """
     rewards = {
-        name: _score_set(compiled, params, fields[name], ref_cache.get(name), config) for name in suite.sequences
+        name: _score_set(compiled, params, fields[name], ref_cache.get(name), config, mesh) for name in suite.sequences
     }
     return evaluate_rewards(rewards, suite, config.tie_tol)
 
@@ -1022,6 +1074,7 @@ def train(
     data_info: Mapping[str, Any] | None = None,
     callbacks: Sequence[Callable[[StepInfo], None]] = (),
     progress: bool = True,
+    mesh: Any = None,
 ) -> TrainResult:
     """Trains a reward model (paper-spec §6, common training protocol) and evaluates it along the way.
 
@@ -1044,14 +1097,23 @@ def train(
       callbacks: called with a `StepInfo` after each optimizer step (after its logging, evaluation and
         checkpoint); an exception they raise stops training (KeyboardInterrupt first saves a checkpoint).
       progress: show a tqdm progress bar with the loss and accuracy.
+      mesh: a `jax.sharding.Mesh` with a "data" axis (`dynamics.sharding.make_mesh`) to train on several devices
+        (None: one device, as without sharding). The trainable and frozen parameters and the optimizer state
+        are placed by `config.param_sharding` (replicated, or FSDP: each matrix split along its largest axis the
+        device count divides; optimizer-state leaves that mirror a parameter get its layout, scalars are
+        replicated); every micro-batch and evaluation chunk is split along its rows. The jitted functions are
+        the same: GSPMD propagates the shardings, so the numbers equal a one-device run's up to float rounding.
+        `micro_batch_size` must be a multiple of the device count; evaluation chunks are `eval_batch_size`
+        rounded up to one.
 
     Returns:
       A `TrainResult`.
 
     Raises:
       DataError: empty training data, an empty or malformed evaluation set.
-      ConfigError: bad options, a run directory that already holds a run (without `resume`), or a resumed
-        run whose configuration differs.
+      ConfigError: bad options, a run directory that already holds a run (without `resume`), a resumed
+        run whose configuration differs, or a mesh without a "data" axis or whose device count does not
+        divide `micro_batch_size`.
     """
     t_start = time.perf_counter()
     suite = eval_suite if eval_suite is not None else EvalSuite({}, {})
@@ -1065,6 +1127,21 @@ def train(
         raise ConfigError("resume=True needs a run_dir")
     if run_path is not None and not resume and (run_path / "config.json").exists():
         raise ConfigError(f"{run_path} already holds a run (config.json); pass resume=True or use another directory")
+    if mesh is not None:
+        from dynamics.sharding import AXIS, shard_params
+
+        if AXIS not in mesh.axis_names:
+            raise ConfigError(f"the mesh needs a {AXIS!r} axis (dynamics.sharding.make_mesh); it has {mesh.axis_names}")
+        if config.micro_batch_size % _n_devices(mesh):
+            raise ConfigError(
+                f"micro_batch_size={config.micro_batch_size} cannot be split over the mesh's {_n_devices(mesh)} "
+                f"devices: use a multiple of {_n_devices(mesh)} (each device takes micro_batch_size / devices pairs)"
+            )
+    n_devices = _n_devices(mesh)
+
+    def place(tree: Any) -> Any:
+        """Parameters (and optimizer state) as they live during the run: on the mesh by param_sharding, if any."""
+        return tree if mesh is None else shard_params(tree, mesh, config.param_sharding)
 
     import optax  # noqa: F401  (fail early if missing)
 
@@ -1076,8 +1153,8 @@ def train(
     train_tree = {k: v for k, v in train_tree.items() if k != "ref"}
     # a private copy: the update donates (reuses) these buffers, and π_ref, the caller's params and `frozen` may
     # share them (the IM-RM's reference is the initial model, the same arrays)
-    train_tree = jax.tree.map(jnp.copy, train_tree)
-    frozen = {k: v for k, v in frozen.items() if k != "ref"}
+    train_tree = place(jax.tree.map(jnp.copy, train_tree))
+    frozen = place({k: v for k, v in frozen.items() if k != "ref"})
     eval_fields = {name: _fields(batch) for name, batch in suite.sequences.items()}
     start = frozen_prefix(params, mask, rm.lm.config.n_layers) if config.cache_frozen_blocks else 0
     cache_bytes = sum(
@@ -1119,11 +1196,16 @@ def train(
         },
         "initial_params_sha256": _tree_sha256({k: v for k, v in params.items() if k != "ref"}),
         "steps_per_epoch": steps_per_epoch,
+        "mesh": {
+            "devices": n_devices,
+            "param_sharding": None if mesh is None else config.param_sharding,
+            "eval_chunk": _eval_chunk(config, mesh),
+        },
         "versions": _versions(),
     }
 
     # State: everything a checkpoint restores.
-    opt_state = tx.init(train_tree)
+    opt_state = place(tx.init(train_tree))
     step, epoch, step_in_epoch, last_eval_step, last_ckpt_step = 0, 0, 0, -1, -1
     history: list[dict[str, Any]] = []
     resumed_from = None
@@ -1136,7 +1218,7 @@ def train(
             arrays, meta = loaded
             where = f"{run_path}/checkpoints/step_{meta['step']:08d}"
             restored = _unflat({"params": train_tree, "opt_state": opt_state}, arrays, where)
-            train_tree, opt_state = restored["params"], restored["opt_state"]
+            train_tree, opt_state = place(restored["params"]), place(restored["opt_state"])
             step, epoch, step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
             last_eval_step, last_ckpt_step = meta["last_eval_step"], meta["step"]
             history = _truncate_log(log_path, meta["log_lines"])
@@ -1150,12 +1232,15 @@ def train(
     t_pre = time.perf_counter()
     if start > 0:  # blocks below `start` never change: run them once per row
         for f in [*data.values(), *eval_fields.values()]:
-            _add_lower_cache(compiled, frozen["lm"], f, config.eval_batch_size, config.bucket)
+            _add_lower_cache(compiled, frozen["lm"], f, _eval_chunk(config, mesh), config.bucket, mesh)
     ref_train: dict[str, np.ndarray | None] = {"chosen": None, "rejected": None}
     ref_eval: dict[str, np.ndarray | None] = {}
     if isinstance(rm, ImplicitRM):
-        ref_train = {side: _logprobs(compiled, ref_params, f, config).astype(np.float32) for side, f in data.items()}
-        ref_eval = {name: _logprobs(compiled, ref_params, f, config) for name, f in eval_fields.items()}
+        # on a mesh π_ref is placed as π_θ is, so that both go through the same program (r = 0 at the start)
+        ref_on = place(ref_params) if ref_params is not None else None
+        ref_train = {side: _logprobs(compiled, ref_on, f, config, mesh).astype(np.float32) for side, f in data.items()}
+        ref_eval = {name: _logprobs(compiled, ref_on, f, config, mesh) for name, f in eval_fields.items()}
+        del ref_on
     t_pre = time.perf_counter() - t_pre
 
     def log(entry: dict[str, Any]) -> None:
@@ -1218,7 +1303,7 @@ def train(
             evaluation = None
             if suite.comparisons and eval_due() and last_eval_step != step:
                 t0 = time.perf_counter()
-                evaluation = evaluate(compiled, full_params(), suite, eval_fields, ref_eval, config)
+                evaluation = evaluate(compiled, full_params(), suite, eval_fields, ref_eval, config, mesh)
                 t_eval += time.perf_counter() - t0
                 with _deferred_interrupt():  # the log line and the state that records it change together
                     epochs_done = _epochs_done(step, epoch, step_in_epoch, steps_per_epoch)
@@ -1242,7 +1327,7 @@ def train(
                 plan_epoch = epoch
             t0 = time.perf_counter()
             micro_batches = plan[step_in_epoch]
-            acc, stats = _accumulate(compiled, train_tree, frozen, micro_batches, data, ref_train, config)
+            acc, stats = _accumulate(compiled, train_tree, frozen, micro_batches, data, ref_train, config, mesh)
             # the update consumes (donates) the old parameters and optimizer state: a Ctrl-C between the update
             # and the assignment would leave nothing valid to checkpoint, so it waits until both are done
             with _deferred_interrupt():
@@ -1277,6 +1362,7 @@ def train(
         "eval_s": t_eval,
         "traces": {k: v - traces_before[k] for k, v in compiled.traces.items()},
         "frozen_blocks_cached": start,
+        "devices": n_devices,
     }
     result = TrainResult(
         config=config,
@@ -1311,11 +1397,11 @@ def _deferred_interrupt():
         raise KeyboardInterrupt
 
 
-def _accumulate(compiled, train_tree, frozen, micro_batches, data, ref_train, config):
+def _accumulate(compiled, train_tree, frozen, micro_batches, data, ref_train, config, mesh=None):
     """Σ of per-row gradients over the micro-batches of one step, and the step's loss and accuracy.
 
     The first micro-batch's gradients start the sum (no zero tree is allocated); later ones are added in place
-    (the accumulator is donated).
+    (the accumulator is donated). On a mesh each micro-batch is split over its devices along the rows.
     """
     acc = None
     loss_sum, wins, rows = 0.0, 0.0, 0
@@ -1327,6 +1413,7 @@ def _accumulate(compiled, train_tree, frozen, micro_batches, data, ref_train, co
         both = _concat(chosen, rejected)
         if isinstance(compiled.rm, ImplicitRM):
             both.update(response_index(both["tokens"], both["response_mask"], config.bucket))
+        both, ref = _on_mesh((both, ref), mesh)
         if acc is None:
             acc, l_sum, w_sum = compiled.first_micro_step(train_tree, frozen, both, ref)
         else:

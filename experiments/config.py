@@ -17,11 +17,15 @@ The shape follows the official code's plans (a base config plus an options grid,
     [presets.cpu.options]              # ... and grid axes
     reward = ["im", "ex"]
 
+Training plans also say where a run executes: `devices` (0: one device, no mesh; N: a mesh over the first N
+devices, `dynamics.sharding.make_mesh`) and the TrainConfig key `param_sharding` ("replicate" | "fsdp");
+`run_mesh` turns them into the `mesh` argument of `dynamics.train.train`.
+
 Precedence: base < preset < `--set key=value`. A `--set` on a grid axis fixes it to that one value;
 `--set options.key=[json list]` replaces an axis. Every key is type-checked against its base value (an int
 is accepted where a float is expected); an unknown key is a ConfigError that names the valid keys.
 
-Nothing here imports JAX.
+Nothing here imports JAX, except `run_mesh` when a plan asks for devices.
 """
 
 from __future__ import annotations
@@ -44,15 +48,40 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = [
+    "DEVICE_KEYS",
     "ExperimentPlan",
     "RunSpec",
     "available_experiments",
     "config_path",
     "load_plan",
     "parse_value",
+    "run_mesh",
 ]
 
 _TOP_LEVEL = ("experiment", "description", "base", "options", "presets")
+#: Keys of a training plan that are neither data, model nor TrainConfig keys: where the runs execute.
+DEVICE_KEYS = ("devices",)
+
+
+def run_mesh(values: Mapping[str, Any]) -> Any:
+    """The device mesh of a run's `devices` key: None for 0 (or no key), else a mesh over the first N devices.
+
+    Raises:
+      ConfigError: devices is not an int >= 0, does not divide micro_batch_size, or exceeds the devices present.
+    """
+    devices = values.get("devices", 0)
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 0:
+        raise ConfigError(f"devices must be an int >= 0 (0: one device, no mesh), got {devices!r}")
+    if devices == 0:
+        return None
+    micro = values.get("micro_batch_size")
+    if isinstance(micro, int) and micro % devices:
+        raise ConfigError(
+            f"micro_batch_size={micro} cannot be split over devices={devices}: use a multiple of {devices}"
+        )
+    from dynamics.sharding import make_mesh
+
+    return make_mesh(devices)
 
 
 @dataclasses.dataclass(frozen=True)

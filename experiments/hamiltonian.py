@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
+from experiments.config import DEVICE_KEYS, run_mesh
 
 __all__ = [
     "EDGE_SEP_TOKEN",
@@ -529,7 +530,9 @@ def validate(values: Mapping[str, Any]) -> None:
     from dynamics.models import resolve_model_source
     from dynamics.train import TrainConfig
 
-    known = set(HAMILTONIAN_KEYS) | set(MODEL_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)}
+    known = (
+        set(HAMILTONIAN_KEYS) | set(MODEL_KEYS) | set(DEVICE_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)}
+    )
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"hamiltonian: unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
@@ -537,6 +540,7 @@ def validate(values: Mapping[str, Any]) -> None:
     if missing:
         raise ConfigError(f"hamiltonian: the plan lacks the keys {missing}")
     train_config(values)
+    run_mesh(values)  # a bad device count fails now, before any model loads
     for key in ("gen_max_new_tokens", "gen_batch_size"):
         if values[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {values[key]}")
@@ -613,6 +617,7 @@ def run(
         model_info=model_info,
         data_info={**data.info, "train_eval_rows": list(data.train_eval), **{k: values[k] for k in MODEL_KEYS}},
         progress=progress,
+        mesh=run_mesh(values),
     )
     if config.reward in ("im", "im-noref") and values["generation"]:
         # Training prompts: the evaluation subset first, then the other training graphs (the official code

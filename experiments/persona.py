@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
+from experiments.config import DEVICE_KEYS, run_mesh
 
 __all__ = [
     "REWARD_LABELS",
@@ -257,7 +258,7 @@ def validate(values: Mapping[str, Any]) -> None:
     """
     from dynamics.train import TrainConfig
 
-    known = set(PERSONA_KEYS) | set(MODEL_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)}
+    known = set(PERSONA_KEYS) | set(MODEL_KEYS) | set(DEVICE_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"persona: unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
@@ -265,6 +266,7 @@ def validate(values: Mapping[str, Any]) -> None:
     if missing:
         raise ConfigError(f"persona: the plan lacks the keys {missing}")
     train_config(values)
+    run_mesh(values)  # a bad device count fails now, before any model loads
     persona_texts(values)
     from dynamics.models import resolve_model_source
 
@@ -344,6 +346,7 @@ def run(
         model_info={**loaded.describe(), "dtype": values["dtype"], "model_option": values["model"]},
         data_info={**texts.info, **{k: values[k] for k in MODEL_KEYS}},
         progress=progress,
+        mesh=run_mesh(values),
     )
 
 

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
+from experiments.config import DEVICE_KEYS, run_mesh
 
 __all__ = [
     "CATEGORIES",
@@ -620,7 +621,7 @@ def validate(values: Mapping[str, Any]) -> None:
     from dynamics.models import resolve_model_source
     from dynamics.train import TrainConfig
 
-    known = set(UF_KEYS) | set(MODEL_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)}
+    known = set(UF_KEYS) | set(MODEL_KEYS) | set(DEVICE_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"ultrafeedback: unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
@@ -630,6 +631,7 @@ def validate(values: Mapping[str, Any]) -> None:
     if values["reward"] == "exgrm":
         raise ConfigError("ultrafeedback: reward 'exgrm' is run on Persona only (paper-spec §6.5)")
     train_config(values)
+    run_mesh(values)  # a bad device count fails now, before any model loads
     resolve_model_source(values["model"])
     ultrafeedback_data(values)
 
@@ -695,6 +697,7 @@ def run(
         model_info={**loaded.describe(), "dtype": values["dtype"], "model_option": values["model"]},
         data_info={**info, **{k: values[k] for k in MODEL_KEYS}},
         progress=progress,
+        mesh=run_mesh(values),
     )
     rows = {f"{name}/rows": float(b.batch_size) for name, b in batches.items()}
     result = dataclasses.replace(result, final_eval={**result.final_eval, **rows})
