@@ -42,18 +42,37 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Mapping[str, Any]) -> Path:
-    """Writes `data` as indented JSON to `path` atomically; creates the parent directory. Returns the path."""
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Writes `text` to `path` through a temporary file in the same directory, fsync and os.replace.
+
+    Creates the parent directory; the file gets the ordinary permissions (0666 less the umask). Returns the path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are ordinary files
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(jsonable(data), fh, indent=1, allow_nan=False)
-            fh.write("\n")
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    """Writes `data` as indented JSON (non-finite floats as strings) to `path` atomically. Returns the path."""
+    return atomic_write_text(path, json.dumps(jsonable(data), indent=1, allow_nan=False) + "\n")

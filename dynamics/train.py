@@ -61,6 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
+from dynamics.io import _UMASK, atomic_write_text, write_json_atomic
+from dynamics.io import jsonable as _jsonable
 from dynamics.masks import combine, count_selected, leaf_paths, partition, prepare, trainable_mask
 from dynamics.metrics import PreferenceMetrics, preference_metrics
 from dynamics.models import LM, Params
@@ -859,55 +861,12 @@ class TrainResult:
         return json.dumps(_jsonable(self.to_dict()), indent=1, allow_nan=False)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Files: atomic writes, checkpoints
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary file in the same directory and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are ordinary files
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    """`data` as indented JSON (non-finite floats as strings), written atomically."""
-    atomic_write_text(path, json.dumps(_jsonable(data), indent=1, allow_nan=False) + "\n")
+atomic_write_json = write_json_atomic
 
 
 def _key_str(k: Any) -> str:

@@ -56,11 +56,52 @@ __all__ = [
     "load_plan",
     "parse_value",
     "run_mesh",
+    "train_config",
+    "validate_training_keys",
 ]
 
 _TOP_LEVEL = ("experiment", "description", "base", "options", "presets")
 #: Keys of a training plan that are neither data, model nor TrainConfig keys: where the runs execute.
 DEVICE_KEYS = ("devices",)
+#: The model keys every training plan has (how the model loads and how texts become batches).
+MODEL_KEYS = ("model", "dtype", "max_length", "truncate", "bucket_pad")
+
+
+def train_config(values: Mapping[str, Any]) -> Any:
+    """The `dynamics.train.TrainConfig` of a run: the plan keys that are TrainConfig fields (validated there)."""
+    from dynamics.train import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def validate_training_keys(experiment: str, values: Mapping[str, Any], own_keys: Sequence[str]) -> Any:
+    """Checks a training plan's keys and builds its `TrainConfig`, before any model loads.
+
+    Args:
+      experiment: its name, for the messages.
+      values: the run's resolved keys.
+      own_keys: the experiment's data keys (besides MODEL_KEYS, DEVICE_KEYS and the TrainConfig fields).
+
+    Returns:
+      The run's `TrainConfig`.
+
+    Raises:
+      ConfigError: an unknown key (the message lists the valid ones), a missing key, a bad TrainConfig value or a
+        bad device count.
+    """
+    from dynamics.train import TrainConfig
+
+    known = set(own_keys) | set(MODEL_KEYS) | set(DEVICE_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{experiment}: unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
+    missing = sorted((set(own_keys) | set(MODEL_KEYS)) - set(values))
+    if missing:
+        raise ConfigError(f"{experiment}: the plan lacks the keys {missing}")
+    config = train_config(values)
+    run_mesh(values)  # a bad device count fails now, before any model loads
+    return config
 
 
 def run_mesh(values: Mapping[str, Any]) -> Any:

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
-from experiments.config import DEVICE_KEYS, run_mesh
+from experiments.config import MODEL_KEYS, run_mesh, train_config, validate_training_keys
 
 __all__ = [
     "EDGE_SEP_TOKEN",
@@ -91,7 +91,6 @@ HAMILTONIAN_KEYS = (
     "gen_batch_size",
     "gen_seed",
 )
-MODEL_KEYS = ("model", "dtype", "max_length", "truncate", "bucket_pad")
 
 #: paper-spec §6.1's table (pythia-1b, 1,000 train / 200 test graphs).
 PAPER_TABLE = {
@@ -511,14 +510,6 @@ def generation_test(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def train_config(values: Mapping[str, Any]):
-    """The `TrainConfig` of a run: the plan keys that are TrainConfig fields."""
-    from dynamics.train import TrainConfig
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in names})
-
-
 def validate(values: Mapping[str, Any]) -> None:
     """Checks the keys, the options, the graphs and that the model exists, before any model loads or trains.
 
@@ -528,19 +519,8 @@ def validate(values: Mapping[str, Any]) -> None:
       ModelError: the model path does not exist.
     """
     from dynamics.models import resolve_model_source
-    from dynamics.train import TrainConfig
 
-    known = (
-        set(HAMILTONIAN_KEYS) | set(MODEL_KEYS) | set(DEVICE_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)}
-    )
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"hamiltonian: unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
-    missing = sorted((set(HAMILTONIAN_KEYS) | set(MODEL_KEYS)) - set(values))
-    if missing:
-        raise ConfigError(f"hamiltonian: the plan lacks the keys {missing}")
-    train_config(values)
-    run_mesh(values)  # a bad device count fails now, before any model loads
+    validate_training_keys("hamiltonian", values, HAMILTONIAN_KEYS)
     for key in ("gen_max_new_tokens", "gen_batch_size"):
         if values[key] < 1:
             raise ConfigError(f"{key} must be >= 1, got {values[key]}")

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
-from experiments.config import DEVICE_KEYS, run_mesh
+from experiments.config import MODEL_KEYS, run_mesh, train_config, validate_training_keys
 
 __all__ = [
     "REWARD_LABELS",
@@ -65,7 +65,6 @@ PERSONA_KEYS = (
     "eval_prefixes_no",
     "eval_words_no",
 )
-MODEL_KEYS = ("model", "dtype", "max_length", "truncate", "bucket_pad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,29 +255,11 @@ def validate(values: Mapping[str, Any]) -> None:
       DataError: a malformed data file (file and line), an empty training or evaluation set.
       ModelError: the model path does not exist.
     """
-    from dynamics.train import TrainConfig
-
-    known = set(PERSONA_KEYS) | set(MODEL_KEYS) | set(DEVICE_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"persona: unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
-    missing = sorted((set(PERSONA_KEYS) | set(MODEL_KEYS)) - set(values))
-    if missing:
-        raise ConfigError(f"persona: the plan lacks the keys {missing}")
-    train_config(values)
-    run_mesh(values)  # a bad device count fails now, before any model loads
+    validate_training_keys("persona", values, PERSONA_KEYS)
     persona_texts(values)
     from dynamics.models import resolve_model_source
 
     resolve_model_source(values["model"])  # a missing model directory fails now, not after the first runs
-
-
-def train_config(values: Mapping[str, Any]):
-    """The `TrainConfig` of a run: the plan keys that are TrainConfig fields."""
-    from dynamics.train import TrainConfig
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in names})
 
 
 def run(

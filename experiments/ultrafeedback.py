@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
-from experiments.config import DEVICE_KEYS, run_mesh
+from experiments.config import MODEL_KEYS, run_mesh, train_config, validate_training_keys
 
 __all__ = [
     "CATEGORIES",
@@ -85,7 +85,6 @@ UF_KEYS = (
     "tie_k",
     "tie_threshold",
 )
-MODEL_KEYS = ("model", "dtype", "max_length", "truncate", "bucket_pad")
 
 #: Bundled evaluation sets (experiments/data/preferences), by the names the official plans use.
 EVAL_SET_FILES = {
@@ -602,14 +601,6 @@ def _row_info(path: str, fields, rows, skipped, selected, limit: int) -> dict[st
 # ----------------------------------------------------------------------------------------------------------
 
 
-def train_config(values: Mapping[str, Any]):
-    """The `TrainConfig` of a run: the plan keys that are TrainConfig fields."""
-    from dynamics.train import TrainConfig
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in names})
-
-
 def validate(values: Mapping[str, Any]) -> None:
     """Checks keys, options, data files, the length filter's survivors and the model, before anything trains.
 
@@ -619,15 +610,8 @@ def validate(values: Mapping[str, Any]) -> None:
       ModelError: the model path does not exist.
     """
     from dynamics.models import resolve_model_source
-    from dynamics.train import TrainConfig
 
-    known = set(UF_KEYS) | set(MODEL_KEYS) | set(DEVICE_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"ultrafeedback: unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
-    missing = sorted((set(UF_KEYS) | set(MODEL_KEYS)) - set(values))
-    if missing:
-        raise ConfigError(f"ultrafeedback: the plan lacks the keys {missing}")
+    validate_training_keys("ultrafeedback", values, UF_KEYS)
     if values["reward"] == "exgrm":
         raise ConfigError("ultrafeedback: reward 'exgrm' is run on Persona only (paper-spec §6.5)")
     train_config(values)

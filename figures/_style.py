@@ -8,7 +8,6 @@ plotted numbers next to it, both atomically.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from dynamics.io import jsonable
 
 # Colours of the two reward-model types, reused by every figure.
 EX_COLOR = "#1f77b4"
@@ -69,20 +70,6 @@ def band(
         ax.fill_between(x, np.nanmin(y, axis=0), np.nanmax(y, axis=0), color=color, alpha=0.2, lw=0)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
-
-
 def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -107,7 +94,7 @@ def save_figure(fig: Figure, png_path: str | os.PathLike[str], data: Mapping[str
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(_jsonable(data), fh, indent=1, allow_nan=False)
+            json.dump(jsonable(data), fh, indent=1, allow_nan=False)
             fh.write("\n")
 
     _atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
