@@ -81,8 +81,12 @@ def theorem2_figure(data: Any, png_path: str | os.PathLike[str]) -> tuple[Path, 
         ax_loss.legend(loc="lower left")
 
         schedule = config.get("schedule", "?")
+        source = str(data.get("source", "?"))
+        if len(source) > 40:  # "model:<long model description>:<trait>" → "model:<trait>"
+            parts = source.split(":")
+            source = f"{parts[0]}:{parts[-1]}" if len(parts) > 2 else source[:40] + "…"
         fig.suptitle(
-            f"Theorem 2 ({data.get('source', '?')} source, {n_seeds} seeds, {schedule} GD, "
+            f"Theorem 2 ({source} source, {n_seeds} seeds, {schedule} GD, "
             f"β = {config.get('beta', '?')}; mean and min–max over seeds)",
             fontsize=10,
         )

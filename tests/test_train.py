@@ -452,3 +452,44 @@ def test_ctrl_c_is_held_back_inside_a_state_update():
             done.append(True)  # the block finishes before the interrupt is raised
     assert done == [True]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def varied_length_data(n: int, seed: int, T: int = 64) -> PreferenceBatch:
+    """n triples with prompts of 3–40 tokens and responses of 2–20 tokens: dozens of distinct lengths."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, V, rng.integers(3, 41)) for _ in range(n)]
+    sides = []
+    for _ in range(2):
+        tokens, attention, response = (np.zeros((n, T), np.int32) for _ in range(3))
+        for i, prompt in enumerate(prompts):
+            ids = np.concatenate([prompt, rng.integers(3, V, rng.integers(2, 21))])
+            tokens[i, : len(ids)], attention[i, : len(ids)], response[i, len(prompt) : len(ids)] = ids, 1, 1
+        sides.append(PairBatch(tokens, attention, response))
+    return PreferenceBatch(*sides)
+
+
+def test_varied_lengths_compile_a_handful_of_times():
+    """Issue 7: lengths are bucketed, so a data set of ~40 distinct lengths compiles once per shape bucket.
+
+    With bucket 16, T ∈ {16, 32, 48, 64} and the response length R ∈ {16, 32}: at most 8 shapes, each traced by
+    the first and the accumulating micro-step (≤ 16 traces), however many distinct lengths the data has. Without
+    bucketing (bucket 1) more shapes appear. A second run on the same data traces nothing.
+    """
+    lm, params = tiny_lm()
+    data = varied_length_data(32, 11)
+    lengths = np.concatenate([data.chosen.attention_mask.sum(1), data.rejected.attention_mask.sum(1)])
+    assert len(np.unique(lengths)) >= 25
+    suite = EvalSuite.from_preferences({"train": data})
+    options = {"reward": "im", "params": "last:1", "lr": 1e-3, "epochs": 2, "batch_size": 8, "micro_batch_size": 4}
+
+    def traces(**extra):
+        result = train(TrainConfig(**options, **extra), lm, params, data, suite, progress=False)
+        return result.timing["traces"]
+
+    bucketed = traces(bucket=16)
+    assert 1 <= bucketed["micro_step"] <= 16, bucketed
+    assert bucketed["apply"] <= 1
+    again = traces(bucket=16)
+    assert again["micro_step"] == 0 and again["apply"] == 0 and again["logprob"] == 0, again
+    unbucketed = traces(bucket=1)
+    assert unbucketed["micro_step"] > bucketed["micro_step"], (unbucketed, bucketed)
