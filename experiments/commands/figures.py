@@ -172,7 +172,13 @@ def ultrafeedback_outputs(runs: Sequence[Any]) -> dict[str, dict[str, Any]]:
         paper = setting == "ultrafeedback_original"
         notes = [_models_note(mine), f"categories: {categories}", report["tie_rule"]["description"]]
         if paper:
-            notes.append("paper: six models (1B-8B) trained on 2,000 UltraFeedback pairs; here: the bundled 200")
+            rows = (mine[0].info.get("rows") or {}).get("train_data") or {}
+            n = rows.get("selected", mine[0].info.get("n_train", "?"))
+            here = f"{n} of the bundled {rows.get('available', 200)} pairs"
+            if rows.get("over_max_response_tokens"):
+                over, cap = rows["over_max_response_tokens"], rows["max_response_tokens"]
+                here += f" ({over} skipped: a response over {cap} tokens)"
+            notes.append(f"paper: six models (1B-8B) trained on 2,000 UltraFeedback pairs; here: {here}")
         main = [{"label": r.label, "metrics": report["per_set"][r.path]} for r in mine if r.reward in ("ex", "im")]
         agg = aggregate_table(main, categories, paper=paper)
         aggregate = {
