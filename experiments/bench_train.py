@@ -6,7 +6,11 @@ tokens each (chosen and rejected: 2 × pairs sequences), split into micro-batche
 Both sides start from the same weights (the default model's GGUF) and see the same token ids; both compute logits
 only at the positions that predict response tokens; torch runs with as many threads as the machine has cores,
 the number XLA uses. rmdyn's side is exactly what `dynamics.train.train` runs (`_compiled_for(...).micro_step`
-and `.apply`). Prints seconds per step and tokens per second for both, and the ratio; asserts nothing.
+and `.apply`). Each pair is a real UltraFeedback prompt (the first T − R tokens, the same on both sides) and its
+chosen or rejected response (R tokens). rmdyn runs twice: as it trains by default (each pair packed into one row
+holding the prompt once, `dynamics.packing`) and with `pack_pairs=False` (the two sequences separately, as torch
+runs them: the like-for-like comparison of the kernels). Prints seconds per step and tokens per second (tokens of
+the batch, 2 × pairs × T, for every side), and the ratios; asserts nothing.
 """
 
 from __future__ import annotations
@@ -28,11 +32,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed steps per side after a warm-up (2)")
     parser.add_argument("--params", default="all", help="trainable parameters (default all)")
     parser.add_argument("--skip-torch", action="store_true", help="time rmdyn only")
+    parser.add_argument("--packed-only", action="store_true", help="skip the run with pack_pairs=False")
     parser.add_argument("--out", default=None, help="write bench_train.json here")
 
 
+def _fit(ids: list[int], n: int) -> list[int]:
+    """`ids` repeated until there are n, then cut to n."""
+    ids = list(ids) or [0]
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
 def _token_batch(tokenizer, pairs: int, T: int, R: int):
-    """Real token ids: UltraFeedback chosen/rejected texts, cut to T tokens, the last R of them the response."""
+    """Real preference pairs as a DPO trainer sees them: UltraFeedback prompt (T − R tokens, the same in the
+    chosen and the rejected sequence) followed by the chosen or rejected response (R tokens)."""
     import numpy as np
 
     from dynamics.datasets import bundled_data_path, load_preferences
@@ -43,17 +57,15 @@ def _token_batch(tokenizer, pairs: int, T: int, R: int):
         tok = np.zeros((pairs, T), np.int32)
         for i in range(pairs):
             r = rows[i % len(rows)]
-            ids = tokenizer.encode(r.prompt + "\n" + getattr(r, side), add_special_tokens=False)
-            while len(ids) < T:
-                ids = ids + ids
-            tok[i] = ids[:T]
+            prompt = _fit(tokenizer.encode(r.prompt + "\n", add_special_tokens=False), T - R)
+            tok[i] = prompt + _fit(tokenizer.encode(getattr(r, side), add_special_tokens=False), R)
         resp = np.zeros((pairs, T), np.int32)
         resp[:, T - R :] = 1
         out[side] = {"tokens": tok, "attention_mask": np.ones((pairs, T), np.int32), "response_mask": resp}
     return out
 
 
-def _rmdyn_step(loaded, batch, micro: int, spec: str, repeats: int):
+def _rmdyn_step(loaded, batch, micro: int, spec: str, repeats: int, pack: bool = True):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -72,33 +84,40 @@ def _rmdyn_step(loaded, batch, micro: int, spec: str, repeats: int):
     compiled = _compiled_for(rm, 0, _optimizer_key(config))
     opt_state = compiled.tx.init(train_tree)
     pairs = batch["chosen"]["tokens"].shape[0]
-    T = batch["chosen"]["tokens"].shape[1]
     micro_batches = [np.arange(s, min(s + micro, pairs)) for s in range(0, pairs, micro)]
-    config = TrainConfig(lr=1e-6, bucket=T)
+    # the default bucket (16): T and the response length R stay as given
+    config = TrainConfig(lr=1e-6, pack_pairs=pack)
     data = batch
     # reference log-probs, precomputed once (not timed), exactly as train() does
     ref = {}
     for side in ("chosen", "rejected"):
         f = dict(batch[side])
-        f.update(response_index(f["tokens"], f["response_mask"], T))
+        f.update(response_index(f["tokens"], f["response_mask"], config.bucket))
         ref[side] = np.asarray(compiled.logprob(params["ref"], {k: jnp.asarray(v) for k, v in f.items()}))
     ref = {"chosen": ref["chosen"], "rejected": ref["rejected"]}
 
     def step(train_tree, opt_state):
-        acc, stats = _accumulate(compiled, train_tree, frozen, micro_batches, data, ref, config)
+        acc, stats, packed = _accumulate(compiled, train_tree, frozen, micro_batches, data, ref, config)
         new_tree, new_opt, gnorm = compiled.apply(train_tree, opt_state, acc, jnp.asarray(stats["rows"], jnp.float32))
         jax.block_until_ready(new_tree)
-        return new_tree, new_opt, float(gnorm)
+        return new_tree, new_opt, float(gnorm), packed
 
     t0 = time.perf_counter()
-    train_tree, opt_state, _ = step(train_tree, opt_state)
+    train_tree, opt_state, _, packed = step(train_tree, opt_state)
     first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        train_tree, opt_state, gnorm = step(train_tree, opt_state)
+        train_tree, opt_state, gnorm, _ = step(train_tree, opt_state)
         times.append(time.perf_counter() - t0)
-    return {"first_s": first, "step_s": min(times), "grad_norm": gnorm, "trained": spec}
+    return {
+        "first_s": first,
+        "step_s": min(times),
+        "grad_norm": gnorm,
+        "trained": spec,
+        "pack_pairs": pack,
+        "packed_micro_batches": packed,
+    }
 
 
 def _torch_step(batch, micro: int, repeats: int, beta: float = 0.01):
@@ -156,8 +175,15 @@ def _torch_step(batch, micro: int, repeats: int, beta: float = 0.01):
     return {"first_s": first, "step_s": min(times), "threads": torch.get_num_threads()}
 
 
-def bench_train(pairs=32, tokens=128, response_tokens=64, micro=8, repeats=2, spec="all", skip_torch=False):
-    """Seconds per step and tokens/s of both trainers on the same batch; `ratio` = torch time / rmdyn time."""
+def bench_train(
+    pairs=32, tokens=128, response_tokens=64, micro=8, repeats=2, spec="all", skip_torch=False, unpacked=True
+):
+    """Seconds per step and tokens/s of both trainers on the same batch; `ratio` = torch time / rmdyn time.
+
+    "rmdyn" is the default trainer (pairs packed with their prompt once, `dynamics.packing`); with `unpacked`,
+    "rmdyn_unpacked" runs the same step on the two sequences of each pair separately, as the torch side does
+    (the like-for-like kernel comparison), and `ratio_unpacked` is torch time over its time.
+    """
     from dynamics.errors import ConfigError
     from dynamics.loading import load
 
@@ -168,30 +194,40 @@ def bench_train(pairs=32, tokens=128, response_tokens=64, micro=8, repeats=2, sp
     loaded = load()
     batch = _token_batch(loaded.tokenizer, pairs, tokens, response_tokens)
     n_tokens = 2 * pairs * tokens
-    out: dict[str, Any] = {"pairs": pairs, "tokens": tokens, "micro_batch": micro, "tokens_per_step": n_tokens}
-    out["rmdyn"] = _rmdyn_step(loaded, batch, micro, spec, repeats)
-    out["rmdyn"]["tokens_per_s"] = n_tokens / out["rmdyn"]["step_s"]
+    out: dict[str, Any] = {"pairs": pairs, "tokens": tokens, "response_tokens": response_tokens,
+                           "micro_batch": micro, "tokens_per_step": n_tokens}  # fmt: skip
+    sides = [("rmdyn", True)] + ([("rmdyn_unpacked", False)] if unpacked else [])
+    for name, pack in sides:
+        out[name] = _rmdyn_step(loaded, batch, micro, spec, repeats, pack=pack)
+        out[name]["tokens_per_s"] = n_tokens / out[name]["step_s"]
     if not skip_torch:
         out["torch"] = _torch_step(batch, micro, repeats)
         out["torch"]["tokens_per_s"] = n_tokens / out["torch"]["step_s"]
         out["ratio"] = out["torch"]["step_s"] / out["rmdyn"]["step_s"]
+        if unpacked:
+            out["ratio_unpacked"] = out["torch"]["step_s"] / out["rmdyn_unpacked"]["step_s"]
     return out
 
 
 def run(args: argparse.Namespace) -> int:
     res = bench_train(args.pairs, args.tokens, args.response_tokens, args.micro_batch, args.repeats, args.params,
-                      args.skip_torch)  # fmt: skip
+                      args.skip_torch, not args.packed_only)  # fmt: skip
     print(
         f"training step: IM-RM (β = 0.01, reference precomputed), DPO loss, Adam, {res['pairs']} pairs × "
-        f"{res['tokens']} tokens = {res['tokens_per_step']:,} tokens, micro-batches of {res['micro_batch']} pairs"
+        f"{res['tokens']} tokens = {res['tokens_per_step']:,} tokens (a shared prompt of "
+        f"{res['tokens'] - res['response_tokens']} tokens per pair), micro-batches of {res['micro_batch']} pairs"
     )
-    for side in ("rmdyn", "torch"):
+    labels = {"rmdyn": "rmdyn (pairs packed, the default)", "rmdyn_unpacked": "rmdyn (pack_pairs=False)",
+              "torch": "transformers + torch.optim.Adam"}  # fmt: skip
+    for side in ("rmdyn", "rmdyn_unpacked", "torch"):
         if side in res:
             r = res[side]
-            print(f"  {side:<6} {r['step_s']:8.2f} s/step  {r['tokens_per_s']:8.1f} tokens/s  (first step, incl. "
-                  f"compile/warm-up: {r['first_s']:.1f} s)")  # fmt: skip
+            print(f"  {labels[side]:<34} {r['step_s']:8.2f} s/step  {r['tokens_per_s']:8.1f} tokens/s  (first "
+                  f"step, incl. compile/warm-up: {r['first_s']:.1f} s)")  # fmt: skip
     if "ratio" in res:
         print(f"  speed-up of rmdyn over transformers + torch.optim.Adam: {res['ratio']:.2f}×")
+    if "ratio_unpacked" in res:
+        print(f"  without packing (the same sequences as torch, like for like): {res['ratio_unpacked']:.2f}×")
     if args.out:
         from dynamics.io import write_json_atomic
 

