@@ -77,7 +77,7 @@ def main():
     for kind, spec, rows in (("ex", "last:1", 36), ("im", "all", 32)):
         data = preference_data(rows, 1)  # 36 = 16 + 16 + 4: the epoch's last step is one short micro-batch
         base = {"reward": kind, "params": spec, "lr": 1e-2, "batch_size": 16, "micro_batch_size": 8, "epochs": 2,
-                "bucket": 16, "eval_batch_size": 12, "eval_every_epochs": 1, "head_init_std": 0.3}  # fmt: skip
+                "bucket": 4, "eval_batch_size": 12, "eval_every_epochs": 1, "head_init_std": 0.3}  # fmt: skip
         config = TrainConfig(**base)
         ref = train(config, lm, params, data, suite, progress=False)
         ref_losses = [h["loss"] for h in ref.history if h["event"] == "train"]
@@ -106,8 +106,10 @@ def main():
                 "total_bytes": int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(ref.params))),
                 "keeps_layout": keeps_layout,
                 "devices": res.timing["devices"],
+                "packed_micro_batches": res.timing["packed_micro_batches"],
             }
         out[f"{kind}-steps"] = ref.steps
+        out[f"{kind}-packed"] = ref.timing["packed_micro_batches"]
     # a micro-batch the device count does not divide is refused before anything runs
     try:
         train(TrainConfig(batch_size=24, micro_batch_size=12), lm, params, data, None, progress=False, mesh=mesh)

@@ -40,7 +40,8 @@ def sharded_training():
 
 
 def test_sharded_training_matches_single_device(sharded_training):
-    """A few Adam steps with accumulation, EX-RM (last:1, frozen-block cache) and IM-RM (all), on 8 devices."""
+    """A few Adam steps with accumulation, EX-RM (last:1, frozen-block cache) and IM-RM (all), on 8 devices,
+    with the pairs packed (shared prompts, `dynamics.packing`) on one device and on the mesh alike."""
     out = sharded_training
     assert out["devices"] == 8
     assert out["donation_warnings"] == 0  # the updates still reuse the donated parameters / optimizer state
@@ -50,6 +51,7 @@ def test_sharded_training_matches_single_device(sharded_training):
         for diff in ("loss_rel_diff", "eval_rel_diff", "param_rel_diff"):
             assert res[diff] <= 1e-10, (key, diff, res)
         assert res["keeps_layout"], key  # the parameters keep their layout through the jitted updates
+        assert res["packed_micro_batches"] == out[key.split("-")[0] + "-packed"] > 0, (key, res)
     for kind in ("ex", "im"):
         replicated, fsdp = out[f"{kind}-replicate"], out[f"{kind}-fsdp"]
         assert replicated["bytes_max_device"] == replicated["total_bytes"]
