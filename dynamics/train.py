@@ -98,8 +98,10 @@ __all__ = [
     "load_checkpoint",
     "lower_hidden",
     "make_optimizer",
+    "pass_limit",
     "response_index",
     "save_checkpoint",
+    "split_passes",
     "take_rows",
     "train",
     "upper_hidden",
@@ -118,7 +120,10 @@ RESUMABLE_CHANGES = (
     "keep_checkpoints",
     "param_sharding",
     "pack_pairs",
+    "pass_positions",
 )
+# positions per forward/backward pass when `pass_positions` is left to the engine on a CPU backend (see TrainConfig)
+CPU_PASS_POSITIONS = 1024
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -170,6 +175,12 @@ class TrainConfig:
       pack_pairs: run each training pair's chosen and rejected sequences as one packed row that holds their
         common prefix (the prompt) once (`dynamics.packing`), in micro-batches where that cuts the positions by
         at least 10 %. The same function: only the order of float sums changes.
+      pass_positions: the most positions (rows × bucketed length, a packed row counted once) one forward /
+        backward pass may hold: a larger micro-batch runs as several passes of near-equal size whose gradients
+        are summed (the same gradient; only the order of float sums changes, as with accumulation). None: the
+        engine chooses, `CPU_PASS_POSITIONS` (1024) on a CPU backend and no limit on an accelerator; 0: no
+        limit. On the 2-core CPU of this project, SmolLM2-135M ran about 25 % faster per pair in passes of
+        ≤ 1024 positions than in passes of 1536 (the activations of the pass stay in the caches).
     """
 
     reward: str = "im"
@@ -201,6 +212,7 @@ class TrainConfig:
     cache_max_gb: float = 4.0
     param_sharding: str = "replicate"
     pack_pairs: bool = True
+    pass_positions: int | None = None
 
     def __post_init__(self):
         if self.reward not in REWARD_KINDS:
@@ -228,6 +240,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
+        if self.pass_positions is not None and (
+            isinstance(self.pass_positions, bool) or not isinstance(self.pass_positions, int) or self.pass_positions < 0
+        ):
+            raise ConfigError(f"pass_positions must be None or an int >= 0, got {self.pass_positions!r}")
         if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int):
             raise ConfigError(f"keep_checkpoints must be an int >= 1, got {self.keep_checkpoints!r}")
         if self.keep_checkpoints < 1:
@@ -1284,7 +1300,7 @@ def train(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=min(step, total_steps), desc="train", disable=not progress, leave=True)
-    t_steps, t_eval, n_steps_here, n_packed = 0.0, 0.0, 0, 0
+    t_steps, t_eval, n_steps_here, n_packed, n_passes = 0.0, 0.0, 0, 0, 0
     last: dict[str, Any] = {}
     plan: list[list[np.ndarray]] = []
     plan_epoch = -1
@@ -1318,10 +1334,8 @@ def train(
                 plan_epoch = epoch
             t0 = time.perf_counter()
             micro_batches = plan[step_in_epoch]
-            acc, stats, packed_count = _accumulate(
-                compiled, train_tree, frozen, micro_batches, data, ref_train, config, mesh
-            )
-            n_packed += packed_count
+            acc, stats, counts = _accumulate(compiled, train_tree, frozen, micro_batches, data, ref_train, config, mesh)
+            n_packed, n_passes = n_packed + counts["packed_micro_batches"], n_passes + counts["passes"]
             # the update consumes (donates) the old parameters and optimizer state: a Ctrl-C between the update
             # and the assignment would leave nothing valid to checkpoint, so it waits until both are done
             with _deferred_interrupt():
@@ -1357,6 +1371,8 @@ def train(
         "traces": {k: v - traces_before[k] for k, v in compiled.traces.items()},
         "frozen_blocks_cached": start,
         "packed_micro_batches": n_packed,
+        "passes": n_passes,
+        "pass_positions": pass_limit(config),
         "devices": n_devices,
     }
     result = TrainResult(
@@ -1392,36 +1408,100 @@ def _deferred_interrupt():
         raise KeyboardInterrupt
 
 
+def pass_limit(config: TrainConfig, backend: str | None = None) -> int:
+    """The most positions per forward/backward pass (0: no limit): `config.pass_positions`, or when None
+    `CPU_PASS_POSITIONS` on a CPU backend and no limit on an accelerator (`backend`: jax.default_backend())."""
+    if config.pass_positions is not None:
+        return config.pass_positions
+    return CPU_PASS_POSITIONS if (backend or jax.default_backend()) == "cpu" else 0
+
+
+def split_passes(rows: np.ndarray, positions: int, limit: int, unit: int = 1) -> list[np.ndarray]:
+    """Cuts one micro-batch's rows (pairs) into the fewest consecutive passes of ≤ `limit` positions.
+
+    Args:
+      rows: the micro-batch's pair indices, in order.
+      positions: positions the whole micro-batch takes in one pass (rows × bucketed length, packed or not).
+      limit: the most positions per pass (0: no limit, one pass).
+      unit: every pass holds a multiple of this many pairs (the mesh's device count); the micro-batch's size is
+        a multiple of it.
+
+    Returns:
+      The passes, in order, covering `rows` exactly once: p = ⌈positions / limit⌉ passes (at most one per
+      unit of pairs) of near-equal size, so that a micro-batch compiles at most two pass shapes per bucket.
+      Positions are assumed proportional to pairs; a pass may exceed `limit` only when one unit of pairs does.
+    """
+    n_units = len(rows) // unit
+    if limit <= 0 or positions <= limit or n_units <= 1 or len(rows) % unit:  # (a short last micro-batch)
+        return [np.asarray(rows)]
+    p = min(n_units, -(-positions // limit))
+    sizes = [(n_units // p + (i < n_units % p)) * unit for i in range(p)]
+    cuts = np.cumsum([0] + sizes)
+    return [np.asarray(rows[cuts[i] : cuts[i + 1]]) for i in range(p)]
+
+
+def _micro_fields(compiled, idx, data, ref_train, config):
+    """The arrays of one pass over pairs `idx`: chosen rows then rejected rows, cut to their bucketed length,
+    with the IM-RM's response positions, the packed rows when packing pays, and the cached ln π_ref [2b]."""
+    chosen, rejected = take_rows([data["chosen"], data["rejected"]], idx, config.bucket)
+    ref = None
+    if ref_train["chosen"] is not None:
+        ref = np.concatenate([ref_train["chosen"][idx], ref_train["rejected"][idx]])
+    both = _concat(chosen, rejected)
+    if isinstance(compiled.rm, ImplicitRM):
+        both.update(response_index(both["tokens"], both["response_mask"], config.bucket))
+    packed = False
+    if config.pack_pairs:
+        pack = pack_pairs(chosen, rejected, config.bucket)
+        T, T_r = chosen["tokens"].shape[1], rejected["tokens"].shape[1]
+        if worth_packing(pack["pack_tokens"].shape[1], T, T_r):
+            both.update(pack)
+            packed = True
+    return both, ref, packed
+
+
+def _positions(both: Mapping[str, np.ndarray]) -> int:
+    """Positions one pass over these arrays runs: the packed rows, else the 2b separate rows."""
+    return int(np.prod(both["pack_tokens"].shape if "pack_tokens" in both else both["tokens"].shape))
+
+
 def _accumulate(compiled, train_tree, frozen, micro_batches, data, ref_train, config, mesh=None):
     """Σ of per-row gradients over the micro-batches of one step, and the step's loss and accuracy.
 
-    The first micro-batch's gradients start the sum (no zero tree is allocated); later ones are added in place
-    (the accumulator is donated). On a mesh each micro-batch is split over its devices along the rows.
+    Each micro-batch runs as one forward/backward pass, or as several (`split_passes`) when it holds more than
+    `pass_limit(config)` positions. The first pass's gradients start the sum (no zero tree is allocated); later
+    ones are added in place (the accumulator is donated). On a mesh each pass is split over its devices along
+    the rows.
+
+    Returns:
+      (summed gradients, {"loss", "accuracy", "rows"}, {"packed_micro_batches", "passes", "packed_passes"}):
+      the micro-batches that ran packed (in some pass), the passes, and the passes that ran packed.
     """
     acc = None
-    loss_sum, wins, rows, packed_count = 0.0, 0.0, 0, 0
+    loss_sum, wins, rows = 0.0, 0.0, 0
+    counts = {"packed_micro_batches": 0, "passes": 0, "packed_passes": 0}
+    limit = pass_limit(config)
     for idx in micro_batches:
-        chosen, rejected = take_rows([data["chosen"], data["rejected"]], idx, config.bucket)
-        ref = None
-        if ref_train["chosen"] is not None:
-            ref = np.concatenate([ref_train["chosen"][idx], ref_train["rejected"][idx]])
-        both = _concat(chosen, rejected)
-        if isinstance(compiled.rm, ImplicitRM):
-            both.update(response_index(both["tokens"], both["response_mask"], config.bucket))
-        if config.pack_pairs:
-            packed = pack_pairs(chosen, rejected, config.bucket)
-            T, T_r = chosen["tokens"].shape[1], rejected["tokens"].shape[1]
-            if worth_packing(packed["pack_tokens"].shape[1], T, T_r):
-                both.update(packed)
-                packed_count += 1
-        both, ref = _on_mesh((both, ref), mesh)
-        if acc is None:
-            acc, l_sum, w_sum = compiled.first_micro_step(train_tree, frozen, both, ref)
-        else:
-            acc, l_sum, w_sum = compiled.micro_step(train_tree, frozen, acc, both, ref)
-        loss_sum, wins, rows = loss_sum + l_sum, wins + w_sum, rows + len(idx)
+        both, ref, packed = _micro_fields(compiled, idx, data, ref_train, config)
+        parts = split_passes(idx, _positions(both), limit, _n_devices(mesh))
+        passes = (
+            [(both, ref, packed)]
+            if len(parts) == 1
+            else [_micro_fields(compiled, i, data, ref_train, config) for i in parts]
+        )
+        counts["packed_micro_batches"] += any(p for _, _, p in passes)
+        for both, ref, packed in passes:
+            both, ref = _on_mesh((both, ref), mesh)
+            if acc is None:
+                acc, l_sum, w_sum = compiled.first_micro_step(train_tree, frozen, both, ref)
+            else:
+                acc, l_sum, w_sum = compiled.micro_step(train_tree, frozen, acc, both, ref)
+            loss_sum, wins = loss_sum + l_sum, wins + w_sum
+            counts["passes"] += 1
+            counts["packed_passes"] += packed
+        rows += len(idx)
     stats = {"loss": float(loss_sum) / rows, "accuracy": float(wins) / rows, "rows": rows}
-    return acc, stats, packed_count
+    return acc, stats, counts
 
 
 def _epochs_done(step: int, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:

@@ -9,8 +9,12 @@ the number XLA uses. rmdyn's side is exactly what `dynamics.train.train` runs (`
 and `.apply`). Each pair is a real UltraFeedback prompt (the first T − R tokens, the same on both sides) and its
 chosen or rejected response (R tokens). rmdyn runs twice: as it trains by default (each pair packed into one row
 holding the prompt once, `dynamics.packing`) and with `pack_pairs=False` (the two sequences separately, as torch
-runs them: the like-for-like comparison of the kernels). Prints seconds per step and tokens per second (tokens of
-the batch, 2 × pairs × T, for every side), and the ratios; asserts nothing.
+runs them: the like-for-like comparison of the kernels). Both run each micro-batch in passes of at most
+`TrainConfig.pass_positions` positions, as the trainer does (on CPU 1024 by default: 4 packed pairs of 192
+positions); torch then runs twice too, in micro-batches of `--micro-batch` pairs and in micro-batches of as many
+pairs as rmdyn's passes hold, so that neither side is compared at a batch size only the other one gets. Prints
+seconds per step and tokens per second (tokens of the batch, 2 × pairs × T, for every side), and the ratios;
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="all", help="trainable parameters (default all)")
     parser.add_argument("--skip-torch", action="store_true", help="time rmdyn only")
     parser.add_argument("--packed-only", action="store_true", help="skip the run with pack_pairs=False")
+    parser.add_argument(
+        "--pass-positions", type=int, default=None, help="rmdyn's TrainConfig.pass_positions (default: the engine's)"
+    )
     parser.add_argument("--out", default=None, help="write bench_train.json here")
 
 
@@ -65,14 +72,14 @@ def _token_batch(tokenizer, pairs: int, T: int, R: int):
     return out
 
 
-def _rmdyn_step(loaded, batch, micro: int, spec: str, repeats: int, pack: bool = True):
+def _rmdyn_step(loaded, batch, micro: int, spec: str, repeats: int, pack: bool = True, pass_positions=None):
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from dynamics.masks import partition, prepare, trainable_mask
     from dynamics.rewards import ImplicitRM
-    from dynamics.train import TrainConfig, _accumulate, _compiled_for, _optimizer_key, response_index
+    from dynamics.train import TrainConfig, _accumulate, _compiled_for, _optimizer_key, pass_limit, response_index
 
     config = TrainConfig(lr=1e-6)
     rm = ImplicitRM(loaded.lm)
@@ -86,7 +93,7 @@ def _rmdyn_step(loaded, batch, micro: int, spec: str, repeats: int, pack: bool =
     pairs = batch["chosen"]["tokens"].shape[0]
     micro_batches = [np.arange(s, min(s + micro, pairs)) for s in range(0, pairs, micro)]
     # the default bucket (16): T and the response length R stay as given
-    config = TrainConfig(lr=1e-6, pack_pairs=pack)
+    config = TrainConfig(lr=1e-6, pack_pairs=pack, pass_positions=pass_positions)
     data = batch
     # reference log-probs, precomputed once (not timed), exactly as train() does
     ref = {}
@@ -97,13 +104,13 @@ def _rmdyn_step(loaded, batch, micro: int, spec: str, repeats: int, pack: bool =
     ref = {"chosen": ref["chosen"], "rejected": ref["rejected"]}
 
     def step(train_tree, opt_state):
-        acc, stats, packed = _accumulate(compiled, train_tree, frozen, micro_batches, data, ref, config)
+        acc, stats, counts = _accumulate(compiled, train_tree, frozen, micro_batches, data, ref, config)
         new_tree, new_opt, gnorm = compiled.apply(train_tree, opt_state, acc, jnp.asarray(stats["rows"], jnp.float32))
         jax.block_until_ready(new_tree)
-        return new_tree, new_opt, float(gnorm), packed
+        return new_tree, new_opt, float(gnorm), counts
 
     t0 = time.perf_counter()
-    train_tree, opt_state, _, packed = step(train_tree, opt_state)
+    train_tree, opt_state, _, counts = step(train_tree, opt_state)
     first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
@@ -116,7 +123,8 @@ def _rmdyn_step(loaded, batch, micro: int, spec: str, repeats: int, pack: bool =
         "grad_norm": gnorm,
         "trained": spec,
         "pack_pairs": pack,
-        "packed_micro_batches": packed,
+        "pass_positions": pass_limit(config),
+        **counts,
     }
 
 
@@ -176,13 +184,23 @@ def _torch_step(batch, micro: int, repeats: int, beta: float = 0.01):
 
 
 def bench_train(
-    pairs=32, tokens=128, response_tokens=64, micro=8, repeats=2, spec="all", skip_torch=False, unpacked=True
+    pairs=32,
+    tokens=128,
+    response_tokens=64,
+    micro=8,
+    repeats=2,
+    spec="all",
+    skip_torch=False,
+    unpacked=True,
+    pass_positions=None,
 ):
     """Seconds per step and tokens/s of both trainers on the same batch; `ratio` = torch time / rmdyn time.
 
-    "rmdyn" is the default trainer (pairs packed with their prompt once, `dynamics.packing`); with `unpacked`,
-    "rmdyn_unpacked" runs the same step on the two sequences of each pair separately, as the torch side does
-    (the like-for-like kernel comparison), and `ratio_unpacked` is torch time over its time.
+    "rmdyn" is the default trainer (pairs packed with their prompt once, `dynamics.packing`; micro-batches run
+    in passes of ≤ `pass_positions` positions); with `unpacked`, "rmdyn_unpacked" runs the same step on the two
+    sequences of each pair separately, as the torch side does (the like-for-like kernel comparison), and
+    `ratio_unpacked` is torch time over its time. When rmdyn's passes hold fewer pairs than a micro-batch,
+    "torch_passes" times torch in micro-batches of that many pairs, and `ratio_passes` is its time over rmdyn's.
     """
     from dynamics.errors import ConfigError
     from dynamics.loading import load
@@ -198,7 +216,7 @@ def bench_train(
                            "micro_batch": micro, "tokens_per_step": n_tokens}  # fmt: skip
     sides = [("rmdyn", True)] + ([("rmdyn_unpacked", False)] if unpacked else [])
     for name, pack in sides:
-        out[name] = _rmdyn_step(loaded, batch, micro, spec, repeats, pack=pack)
+        out[name] = _rmdyn_step(loaded, batch, micro, spec, repeats, pack=pack, pass_positions=pass_positions)
         out[name]["tokens_per_s"] = n_tokens / out[name]["step_s"]
     if not skip_torch:
         out["torch"] = _torch_step(batch, micro, repeats)
@@ -206,12 +224,18 @@ def bench_train(
         out["ratio"] = out["torch"]["step_s"] / out["rmdyn"]["step_s"]
         if unpacked:
             out["ratio_unpacked"] = out["torch"]["step_s"] / out["rmdyn_unpacked"]["step_s"]
+        pass_pairs = -(-pairs // out["rmdyn"]["passes"])  # pairs per pass of rmdyn's default step
+        if pass_pairs < micro:
+            out["torch_passes"] = _torch_step(batch, pass_pairs, repeats)
+            out["torch_passes"]["micro_batch"] = pass_pairs
+            out["torch_passes"]["tokens_per_s"] = n_tokens / out["torch_passes"]["step_s"]
+            out["ratio_passes"] = out["torch_passes"]["step_s"] / out["rmdyn"]["step_s"]
     return out
 
 
 def run(args: argparse.Namespace) -> int:
     res = bench_train(args.pairs, args.tokens, args.response_tokens, args.micro_batch, args.repeats, args.params,
-                      args.skip_torch, not args.packed_only)  # fmt: skip
+                      args.skip_torch, not args.packed_only, args.pass_positions)  # fmt: skip
     print(
         f"training step: IM-RM (β = 0.01, reference precomputed), DPO loss, Adam, {res['pairs']} pairs × "
         f"{res['tokens']} tokens = {res['tokens_per_step']:,} tokens (a shared prompt of "
@@ -219,15 +243,22 @@ def run(args: argparse.Namespace) -> int:
     )
     labels = {"rmdyn": "rmdyn (pairs packed, the default)", "rmdyn_unpacked": "rmdyn (pack_pairs=False)",
               "torch": "transformers + torch.optim.Adam"}  # fmt: skip
-    for side in ("rmdyn", "rmdyn_unpacked", "torch"):
+    if "torch_passes" in res:
+        labels["torch_passes"] = f"torch, micro-batches of {res['torch_passes']['micro_batch']} pairs"
+    for side in ("rmdyn", "rmdyn_unpacked", "torch", "torch_passes"):
         if side in res:
             r = res[side]
+            if side.startswith("rmdyn"):
+                print(f"  {labels[side]}: {r['passes']} passes per step (pass_positions {r['pass_positions']})")
             print(f"  {labels[side]:<34} {r['step_s']:8.2f} s/step  {r['tokens_per_s']:8.1f} tokens/s  (first "
                   f"step, incl. compile/warm-up: {r['first_s']:.1f} s)")  # fmt: skip
     if "ratio" in res:
         print(f"  speed-up of rmdyn over transformers + torch.optim.Adam: {res['ratio']:.2f}×")
     if "ratio_unpacked" in res:
         print(f"  without packing (the same sequences as torch, like for like): {res['ratio_unpacked']:.2f}×")
+    if "ratio_passes" in res:
+        print(f"  over torch in micro-batches of rmdyn's pass size ({res['torch_passes']['micro_batch']} pairs): "
+              f"{res['ratio_passes']:.2f}×")  # fmt: skip
     if args.out:
         from dynamics.io import write_json_atomic
 

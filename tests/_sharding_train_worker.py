@@ -82,8 +82,11 @@ def main():
         ref = train(config, lm, params, data, suite, progress=False)
         ref_losses = [h["loss"] for h in ref.history if h["event"] == "train"]
         ref_params = trainable(ref, config, lm, params)
-        for mode in ("replicate", "fsdp"):
-            config = TrainConfig(**base, param_sharding=mode)
+        for mode in ("replicate", "fsdp", "passes"):
+            if mode == "passes":  # micro-batches of 16 pairs, each run as passes of 8 (one per device)
+                config = TrainConfig(**{**base, "micro_batch_size": 16, "pass_positions": 1})
+            else:
+                config = TrainConfig(**base, param_sharding=mode)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 res = train(config, lm, params, data, suite, progress=False, mesh=mesh)
@@ -94,7 +97,9 @@ def main():
             final = trainable(res, config, lm, params)
             per_dev = bytes_per_device(res.params)
             keeps_layout = all(
-                x.sharding.is_equivalent_to(NamedSharding(mesh, param_spec(x.shape, mesh.shape[AXIS], mode)), x.ndim)
+                x.sharding.is_equivalent_to(
+                    NamedSharding(mesh, param_spec(x.shape, mesh.shape[AXIS], config.param_sharding)), x.ndim
+                )
                 for x in jax.tree.leaves(res.params)
             )
             out[f"{kind}-{mode}"] = {
@@ -107,9 +112,11 @@ def main():
                 "keeps_layout": keeps_layout,
                 "devices": res.timing["devices"],
                 "packed_micro_batches": res.timing["packed_micro_batches"],
+                "passes": res.timing["passes"],
             }
         out[f"{kind}-steps"] = ref.steps
         out[f"{kind}-packed"] = ref.timing["packed_micro_batches"]
+        out[f"{kind}-ref-passes"] = ref.timing["passes"]
     # a micro-batch the device count does not divide is refused before anything runs
     try:
         train(TrainConfig(batch_size=24, micro_batch_size=12), lm, params, data, None, progress=False, mesh=mesh)

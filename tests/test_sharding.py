@@ -41,17 +41,26 @@ def sharded_training():
 
 def test_sharded_training_matches_single_device(sharded_training):
     """A few Adam steps with accumulation, EX-RM (last:1, frozen-block cache) and IM-RM (all), on 8 devices,
-    with the pairs packed (shared prompts, `dynamics.packing`) on one device and on the mesh alike."""
+    with the pairs packed (shared prompts, `dynamics.packing`) on one device and on the mesh alike, and with
+    micro-batches of 16 run as passes of 8 pairs on the mesh (`TrainConfig.pass_positions`)."""
     out = sharded_training
     assert out["devices"] == 8
     assert out["donation_warnings"] == 0  # the updates still reuse the donated parameters / optimizer state
-    for key in ("ex-replicate", "ex-fsdp", "im-replicate", "im-fsdp"):
+    for key in ("ex-replicate", "ex-fsdp", "ex-passes", "im-replicate", "im-fsdp", "im-passes"):
         res = out[key]
         assert res["devices"] == 8 and res["steps"] == out[key.split("-")[0] + "-steps"] > 1, (key, res)
         for diff in ("loss_rel_diff", "eval_rel_diff", "param_rel_diff"):
             assert res[diff] <= 1e-10, (key, diff, res)
         assert res["keeps_layout"], key  # the parameters keep their layout through the jitted updates
+        if key.endswith("passes"):  # half as many micro-batches of 16, each run as two passes of 8 pairs
+            assert res["packed_micro_batches"] > 0, (key, res)
+            continue
         assert res["packed_micro_batches"] == out[key.split("-")[0] + "-packed"] > 0, (key, res)
+    # one device runs every micro-batch of 8 pairs in one pass; the "passes" runs cut each micro-batch of 16
+    # into two passes of 8 on the mesh, but run the short last micro-batch of EX-RM's epochs (16 + 16 + 4 rows,
+    # fewer rows than devices) whole: the same passes, 5 per epoch for EX-RM and 4 for IM-RM
+    assert out["ex-ref-passes"] == out["ex-passes"]["passes"] == 10, out
+    assert out["im-ref-passes"] == out["im-passes"]["passes"] == 8, out
     for kind in ("ex", "im"):
         replicated, fsdp = out[f"{kind}-replicate"], out[f"{kind}-fsdp"]
         assert replicated["bytes_max_device"] == replicated["total_bytes"]
