@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require
 
-torch = pytest.importorskip("torch", reason="the parity tests need the PyTorch reference (pip install -e '.[test]')")
-transformers = pytest.importorskip("transformers")
+torch = require("torch", reason="the parity tests need the PyTorch reference (pip install -e '.[test]')")
+transformers = require("transformers")
 
 from dynamics.datasets import bundled_data_path, load_persona  # noqa: E402
 from dynamics.loading import load  # noqa: E402
@@ -126,9 +127,19 @@ def test_logits_float32_within_float32_noise(ours, reference, persona_pairs, x64
 
     The issue's literal bar (max |Δlogit| ≤ 1e-4 between the two float32 models) sits at this model's float32
     noise floor: transformers' own float32 logits are ≈ 9e-5 from exact arithmetic on this batch, so two correct
-    float32 implementations can differ by more than 1e-4. What is asserted: ours is in the same accuracy class
-    (error at most twice the reference's); exactness itself is `test_logits_float64_exact_parity`. The measured
-    figures are printed (run with -s).
+    float32 implementations can differ by more than 1e-4. What is asserted: ours is in the same accuracy class as
+    the reference, over all logits (RMS error at most 1.5× torch's: an average over ≈ 3e7 numbers, stable) and at
+    the worst logit (at most 2× torch's: one number, so a looser factor); exactness itself is
+    `test_logits_float64_exact_parity`.
+
+    Why the bounds hold on every x86-64 CPU: the error is float32 rounding in the residual stream (values up to
+    ≈ 2.6e4) and, above all, in the accumulation of the projections' dot products. Both sides run those in blocked
+    FMA GEMM kernels (ours: XLA's own, as `dynamics.xla_cpu` routes them; torch: oneDNN/MKL) whose accumulation
+    error is of the same size on AVX2 and on AVX-512 (`test_float32_projection_accumulates_like_torch` checks the
+    kernel itself). Measured on an AVX2-only AMD EPYC: ours max 7.35e-5 / RMS 9.2e-6, torch 8.89e-5 / 1.30e-5.
+    With jaxlib's default YNNPACK dots and reductions the same machine gave max 1.83e-4 / RMS 2.46e-5 (2.06× /
+    1.9× torch's): that kernel choice, not the model code, was what failed there (max 1.2× on an AVX-512 CPU).
+    Measured figures print with -s.
     """
     batch = _encode(ours, persona_pairs, "right")
     tokens, mask = jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)
@@ -138,11 +149,46 @@ def test_logits_float32_within_float32_noise(ours, reference, persona_pairs, x64
         mine32 = np.asarray(jax.jit(ours.lm.logits)(ours.params, jnp.asarray(tokens), jnp.asarray(mask)))
     ref32 = _torch_logits(reference, batch)
     assert mine32.dtype == np.float32
-    err_ref = np.abs(ref32 - exact)[real].max()
-    err_ours = np.abs(mine32 - exact)[real].max()
+    d_ref, d_ours = (ref32 - exact)[real], (mine32 - exact)[real]
+    err_ref, err_ours = np.abs(d_ref).max(), np.abs(d_ours).max()
+    rms_ref, rms_ours = np.sqrt(np.mean(d_ref**2)), np.sqrt(np.mean(d_ours**2))
     diff = np.abs(mine32 - ref32)[real].max()
-    print(f"float32: |ours − torch| = {diff:.3g}, |torch − exact| = {err_ref:.3g}, |ours − exact| = {err_ours:.3g}")
+    print(
+        f"float32: |ours − torch| = {diff:.3g}; max |torch − exact| = {err_ref:.3g}, |ours − exact| = {err_ours:.3g}; "
+        f"RMS torch {rms_ref:.3g}, ours {rms_ours:.3g}"
+    )
+    assert rms_ours <= 1.5 * rms_ref
     assert err_ours <= 2 * err_ref
+
+
+@pytest.mark.parametrize(("M", "K", "N"), [(256, 576, 1536), (256, 1536, 576)])
+def test_float32_projection_accumulates_like_torch(M, K, N):
+    """One projection (`layers.contract`, SmolLM2's shapes) in float32: RMS error against float64 ≤ 1.5× torch's.
+
+    The kernel-level check behind the logits bound above: the same data through our jitted projection and through
+    torch.matmul in the same process, both compared with the float64 product. XLA's own kernel measured ≈ 0.9× torch
+    here; YNNPACK's stand-alone dot on an AVX2-only CPU measured 1.7–2.7×, so this test fails if `dynamics.xla_cpu`
+    stops routing the dots away from it.
+    """
+    import os
+
+    from dynamics.models.layers import contract
+    from dynamics.xla_cpu import ACCURATE_DOT_FLAG
+
+    assert ACCURATE_DOT_FLAG in os.environ.get("XLA_FLAGS", ""), "importing dynamics sets the flag"
+    rng = np.random.default_rng(K)
+    x = rng.normal(size=(M, K)).astype(np.float32)
+    w = (rng.normal(size=(K, N)) / np.sqrt(K)).astype(np.float32)
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    with jax.enable_x64(False):
+        ours32 = np.asarray(jax.jit(contract, static_argnums=2)(jnp.asarray(x), jnp.asarray(w), 1), np.float64)
+    torch32 = (torch.from_numpy(x) @ torch.from_numpy(w)).double().numpy()
+
+    def rms(a):
+        return np.sqrt(np.mean((a - exact) ** 2) / np.mean(exact**2))
+
+    print(f"[{M}, {K}] @ [{K}, {N}] float32 RMS relative error: ours {rms(ours32):.3g}, torch {rms(torch32):.3g}")
+    assert rms(ours32) <= 1.5 * rms(torch32)
 
 
 def test_implicit_reward_matches_transformers(ours, reference, persona_pairs):
