@@ -36,16 +36,34 @@ def build_parser() -> argparse.ArgumentParser:
             "Δr after one step, ρ_{k,l}, one-step checks, Theorems 1 and 2, the paper's experiments."
         ),
     )
+    parser.add_argument("--version", action="store_true", help="print rmdyn's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"experiments.commands.{name}").register(sub)
     return parser
 
 
+def version() -> str:
+    """The installed distribution's version (importlib.metadata; no JAX import)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("rmdyn")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `rmdyn` console script. Returns the process exit status."""
+    """Runs one `rmdyn` command in this process and returns its exit status (0 ok, 2 bad input, 130 interrupted).
+
+    For library and test use; the console script is `entry`, which also owns the process's Ctrl-C handling.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.version:
+        print(f"rmdyn {version()}")
+        return 0
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -61,5 +79,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `rmdyn` console script: `main` with Ctrl-C ending the process with status 130 (experiments.interrupt)."""
+    from experiments import interrupt
+
+    interrupt.install()
+    try:
+        status = main()
+    except KeyboardInterrupt:  # before a command started (argument parsing, registration)
+        print("rmdyn: interrupted", file=sys.stderr)
+        status = interrupt.INTERRUPTED_STATUS
+    if status == interrupt.INTERRUPTED_STATUS:
+        interrupt.exit_interrupted()
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
