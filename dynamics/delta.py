@@ -400,8 +400,8 @@ def delta_reward(
         covered = "head" if isinstance(rm, ExplicitRM) else "unembed"
         if spec != covered:
             raise ConfigError(
-                f"closed_form covers Assumption 1 only ({reward_name(rm)}: --params {covered}); "
-                f"got --params {spec!r}: use method ntk"
+                f"closed_form covers Assumption 1 only ({reward_name(rm)}: parameter selection {covered!r}); "
+                f"got {spec!r}: use method ntk"
             )
         if optimizer != "sgd":
             raise ConfigError("closed_form is the SGD step of paper-spec §3; Adam's step needs method ntk")

@@ -50,19 +50,43 @@ def _untie_rm(rm: RewardModel, params: Params) -> tuple[RewardModel, Params]:
     return dataclasses.replace(rm, lm=lm), new
 
 
-def normalize_spec(rm: RewardModel, spec: str) -> str:
-    """The spec with `output` resolved for this reward type, validated."""
+def check_spec(spec: str) -> str:
+    """The spec, stripped, if it has one of the forms of `SPEC_HELP` (no model needed: `output` stays `output`).
+
+    Raises:
+      ConfigError: not a string, an unknown form, a K that is not a positive integer, or a PATTERN that is not a
+        regular expression (the message shows the pattern and `re`'s reason).
+    """
+    if not isinstance(spec, str):
+        raise ConfigError(f"parameter selection must be a string ({SPEC_HELP}), got {spec!r}")
     spec = spec.strip()
-    if spec == "output":
-        return "head" if isinstance(rm, ExplicitRM) else "unembed"
-    if spec in ("head", "unembed", "all") or spec.startswith("re:"):
+    if spec in ("head", "unembed", "output", "all"):
+        return spec
+    if spec.startswith("re:"):
+        pattern = spec[3:]
+        if not pattern:
+            raise ConfigError(f"parameter selection {spec!r}: the pattern after re: is empty")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(
+                f"parameter selection {spec!r}: pattern {pattern!r} is not a valid regular expression ({err})"
+            ) from None
         return spec
     if spec.startswith("last:"):
         k = spec.split(":", 1)[1]
-        if not k.isdigit():
-            raise ConfigError(f"--params {spec!r}: K in last:K must be a positive integer")
+        if not (k.isascii() and k.isdigit() and int(k) >= 1):
+            raise ConfigError(f"parameter selection {spec!r}: K in last:K must be a positive integer, got {k!r}")
         return spec
     raise ConfigError(f"unknown parameter selection {spec!r}; expected {SPEC_HELP}")
+
+
+def normalize_spec(rm: RewardModel, spec: str) -> str:
+    """The spec with `output` resolved for this reward type, validated (see `check_spec`)."""
+    spec = check_spec(spec)
+    if spec == "output":
+        return "head" if isinstance(rm, ExplicitRM) else "unembed"
+    return spec
 
 
 def prepare(rm: RewardModel, params: Params, spec: str) -> tuple[RewardModel, Params, str]:
@@ -82,7 +106,9 @@ def trainable_mask(rm: RewardModel, params: Params, spec: str) -> Mask:
     """A pytree of bools (True = trains) for `spec`; call `prepare` first so that ties are resolved.
 
     Raises:
-      ConfigError: an unknown spec, a spec this reward type cannot use, or a selection of no parameter.
+      ConfigError: an unknown spec or a bad `re:` pattern (see `check_spec`), a spec this reward type cannot use,
+        a K outside 1..n_layers, or a selection of no parameter. Messages name the spec ("parameter selection
+        'last:9': ..."), not a command-line flag.
     """
     spec = normalize_spec(rm, spec)
     n_layers = rm.lm.config.n_layers
@@ -91,17 +117,25 @@ def trainable_mask(rm: RewardModel, params: Params, spec: str) -> Mask:
     kind = "EX-RM" if is_ex else ("EX-GRM" if isinstance(rm, GenerativeRM) else "IM-RM")
 
     if spec == "head" and not is_ex:
-        raise ConfigError(f"--params head: an {kind} has no head (its reward reads the unembedding: use unembed)")
+        raise ConfigError(
+            f"parameter selection 'head': an {kind} has no head (its reward reads the unembedding: use 'unembed')"
+        )
     if spec == "unembed" and is_ex:
-        raise ConfigError("--params unembed: an EX-RM does not read the unembedding (use head, last:K or all)")
+        raise ConfigError(
+            "parameter selection 'unembed': an EX-RM does not read the unembedding (use head, last:K or all)"
+        )
     if spec == "unembed" and tied:
-        raise ConfigError("--params unembed on a tied model: call dynamics.masks.prepare first (it unties)")
+        raise ConfigError(
+            "parameter selection 'unembed' on a tied model: call dynamics.masks.prepare first (it unties)"
+        )
     k = 0
     if spec.startswith("last:"):
         k = int(spec.split(":", 1)[1])
         if not 1 <= k <= n_layers:
-            raise ConfigError(f"--params {spec}: K must be between 1 and the model's {n_layers} blocks")
-    pattern = re.compile(spec[3:]) if spec.startswith("re:") else None
+            raise ConfigError(
+                f"parameter selection {spec!r}: K must be between 1 and the model's {n_layers} blocks, got {k}"
+            )
+    pattern = re.compile(spec[3:]) if spec.startswith("re:") else None  # compiled by check_spec already
 
     def select(path: str) -> bool:
         group, _, rest = path.partition("/")
@@ -128,11 +162,13 @@ def trainable_mask(rm: RewardModel, params: Params, spec: str) -> Mask:
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     chosen = [select(_path_str(p)) for p, _ in flat]
     if not any(chosen):
-        raise ConfigError(f"--params {spec!r} selects no parameter of this {kind}")
+        raise ConfigError(f"parameter selection {spec!r} selects no parameter of this {kind}")
     if is_ex and spec.startswith("re:"):
         reads = [c for (p, _), c in zip(flat, chosen, strict=True) if "lm_head" not in _path_str(p)]
         if not any(reads):
-            raise ConfigError(f"--params {spec!r} selects only the unembedding, which an EX-RM does not read")
+            raise ConfigError(
+                f"parameter selection {spec!r} selects only the unembedding, which an EX-RM does not read"
+            )
     return jax.tree_util.tree_unflatten(treedef, chosen)
 
 

@@ -13,10 +13,12 @@ Conventions (paper-spec §1 and §6, the official code's `utils/rm_utils.py`):
   starts with whitespace, e.g. indented code after "assistant\\n") it does not, and those rows are listed in
   `boundary_mismatch` (and logged) instead of being silently re-split.
 - Templated text is encoded with `add_special_tokens=False`: the chat template decides BOS/EOS.
-- A pair longer than `max_length` is a `DataError`, unless `truncate=True`: then the prompt's text is cut from
-  the left at a token boundary and re-rendered with the template (the chat structure, the generation prompt
-  and the response stay intact; chosen and rejected keep the same prompt), and the rows are listed in
-  `truncated` and logged at WARNING level.
+- A pair longer than `max_length` is a `SequenceTooLongError` (a `DataError` that carries the row index and the
+  lengths), unless `truncate=True`: then the prompt's text is cut from the left at a token boundary and
+  re-rendered with the template (the chat structure, the generation prompt and the response stay intact; chosen
+  and rejected keep the same prompt), and the rows are listed in `truncated` and logged at WARNING level.
+- Error messages name a row as "row i", i the 0-based index into the sequences passed (for preference rows read
+  by `dynamics.datasets`, also the file and line).
 
 Arrays are host numpy int32 arrays; they become device arrays when passed to a jitted function.
 """
@@ -32,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamics.errors import ConfigError, DataError, ModelError
+from dynamics.errors import ConfigError, DataError, ModelError, SequenceTooLongError
 from dynamics.tokenizer import Tokenizer
 
 __all__ = [
@@ -225,6 +227,7 @@ def _fit_prompt(
     max_length: int,
     truncate: bool,
     where: str,
+    index: int,
 ) -> tuple[Any, int]:
     """Encode a row, cutting the prompt text from the left at token boundaries until it fits `max_length`.
 
@@ -232,14 +235,22 @@ def _fit_prompt(
 
     Returns:
       `(payload, dropped)`: the encoding that fits and about how many prompt tokens were cut (0 if none).
+
+    Raises:
+      SequenceTooLongError: the row does not fit and `truncate` is False (`index` is the row's).
     """
     payload, total, detail = encode(prompt)
     if total <= max_length:
         return payload, 0
     if not truncate:
-        raise DataError(
+        raise SequenceTooLongError(
             f"{where}: {detail} = {total} tokens > max_length={max_length}; pass truncate=True to cut the "
-            "prompt from the left"
+            "prompt from the left",
+            index=index,
+            where=where,
+            lengths=detail,
+            total=total,
+            max_length=max_length,
         )
     starts = [start for start, _ in tokenizer.offsets(prompt)]
     dropped = total - max_length
@@ -352,7 +363,8 @@ def encode_pairs(
       A `PairBatch` of B = len(prompts) rows.
 
     Raises:
-      DataError: an empty prompt, an empty or whitespace-only response, or a pair that does not fit.
+      DataError: an empty prompt, an empty or whitespace-only response ("row i", 0-based), or a pair that does
+        not fit (a `SequenceTooLongError`, with the row index and the lengths).
     """
     _check_options(max_length, padding_side, pad_to)
     if isinstance(prompts, str) or isinstance(responses, str):
@@ -373,6 +385,7 @@ def encode_pairs(
             max_length,
             truncate,
             where,
+            i,
         )
         encoded.append((p_ids + r_ids, len(p_ids)))
         if cut:
@@ -411,8 +424,8 @@ def encode_preferences(
       A `PreferenceBatch`; both sides have the same T.
 
     Raises:
-      DataError: an empty field or a row that does not fit (the message names the row and, for rows from
-        `load_preferences`, the file and line).
+      DataError: an empty field or a row that does not fit (a `SequenceTooLongError`); the message names the row
+        ("row i", 0-based) and, for rows from `load_preferences`, the file and line.
     """
     _check_options(max_length, padding_side, pad_to)
     if not rows:
@@ -425,7 +438,7 @@ def encode_preferences(
         pair = [("chosen", _check_text(get("chosen"), "chosen", where))]
         pair.append(("rejected", _check_text(get("rejected"), "rejected", where)))
         (p_ids, (c_ids, r_ids), mismatch), cut = _fit_prompt(
-            tokenizer, prompt, lambda p, pr=pair: _encode_split(tokenizer, p, pr), max_length, truncate, where
+            tokenizer, prompt, lambda p, pr=pair: _encode_split(tokenizer, p, pr), max_length, truncate, where, i
         )
         chosen.append((p_ids + c_ids, len(p_ids)))
         rejected.append((p_ids + r_ids, len(p_ids)))
@@ -524,7 +537,7 @@ def encode_exgrm(
         where = f"row {i}"
         _check_text(prompt, "prompt", where)
         _check_text(response, "response", where)
-        ids, cut = _fit_prompt(tokenizer, prompt, lambda p, r=response: encode(p, r), max_length, truncate, where)
+        ids, cut = _fit_prompt(tokenizer, prompt, lambda p, r=response: encode(p, r), max_length, truncate, where, i)
         encoded.append((ids, len(ids)))
         if cut:
             dropped[i] = cut

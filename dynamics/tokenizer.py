@@ -458,7 +458,14 @@ def _cached_gguf_metadata(path: str, mtime_ns: int, size: int) -> dict[str, Any]
     """`_gguf_metadata` of a file, parsed once per (path, mtime, size): parsing takes seconds."""
     import gguf  # only needed here; gguf imports nothing heavy
 
-    return _gguf_metadata(gguf.GGUFReader(path))
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as err:  # a truncated or corrupt file: numpy/struct errors from inside gguf
+        from dynamics.models.gguf_loader import open_gguf  # imports JAX: only on this error path
+
+        open_gguf(path)  # raises the precise ModelError (e.g. truncated: the expected and the actual size)
+        raise ModelError(f"{path}: not a readable GGUF file ({err})") from err
+    return _gguf_metadata(reader)
 
 
 def _load_gguf(meta: Mapping[str, Any], source: str) -> Tokenizer:

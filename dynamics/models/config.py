@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -192,6 +193,10 @@ def _freeze(d: Mapping[str, Any]) -> _FrozenDict:
 
 def _rope_params(hf: Mapping[str, Any]) -> tuple[float, Mapping[str, Any] | None, float]:
     """(theta, scaling or None, partial rotary factor) from old- or new-style HF config keys."""
+    for key in ("rope_parameters", "rope_scaling"):
+        value = hf.get(key)
+        if value is not None and not isinstance(value, Mapping):
+            raise ModelError(f"key {key!r} must be a JSON object, got {value!r} ({type(value).__name__})")
     rp = dict(hf.get("rope_parameters") or {})
     if rp and "rope_theta" not in rp and all(isinstance(v, Mapping) for v in rp.values()):
         # per-layer-type rope parameters (transformers ≥ 5 for some models): all layers must agree
@@ -203,6 +208,9 @@ def _rope_params(hf: Mapping[str, Any]) -> tuple[float, Mapping[str, Any] | None
     theta = rp.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
     partial = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
     kind = rp.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    for key, value in (("rope_theta", theta), ("partial_rotary_factor", partial)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ModelError(f"key {key!r} must be a number, got {value!r} ({type(value).__name__})")
     if kind in (None, "default"):
         return float(theta), None, float(partial)
     src = rp if rp.get("rope_type") not in (None, "default") else scaling
@@ -217,66 +225,137 @@ def _rope_params(hf: Mapping[str, Any]) -> tuple[float, Mapping[str, Any] | None
     raise ModelError(f"RoPE scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
-def config_from_hf(hf: Mapping[str, Any], *, name: str = "") -> DecoderConfig:
+_REQUIRED = object()
+
+
+class _Keys:
+    """Typed reads of a config dict, with errors that name the key, the value and what was expected.
+
+    A key that is absent or null takes `default`; without one it is a missing required key.
+    """
+
+    def __init__(self, hf: Mapping[str, Any]):
+        self.hf = hf
+
+    def _get(self, key: str, default: Any) -> tuple[Any, bool]:
+        value = self.hf.get(key)
+        if value is not None:
+            return value, True
+        if default is _REQUIRED:
+            raise ModelError(f"missing required key {key!r}")
+        return default, False
+
+    @staticmethod
+    def _wrong(key: str, expected: str, value: Any) -> ModelError:
+        return ModelError(f"key {key!r} must be {expected}, got {value!r} ({type(value).__name__})")
+
+    def integer(self, key: str, default: Any = _REQUIRED, *, minimum: int = 1) -> Any:
+        value, present = self._get(key, default)
+        if not present:
+            return value
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and float(value).is_integer():
+            value = int(value)  # 2048.0
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            raise self._wrong(key, "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}", value)
+        return int(value)
+
+    def number(self, key: str, default: Any = _REQUIRED) -> Any:
+        value, present = self._get(key, default)
+        if not present:
+            return value
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise self._wrong(key, "a number", value)
+        return float(value)
+
+    def flag(self, key: str, default: Any = _REQUIRED) -> Any:
+        value, present = self._get(key, default)
+        if present and not isinstance(value, bool):
+            raise self._wrong(key, "true or false", value)
+        return value
+
+
+def config_from_hf(hf: Mapping[str, Any], *, name: str = "", where: str = "config") -> DecoderConfig:
     """A `DecoderConfig` from a Hugging Face `config.json` dict (old or new key names).
 
+    Args:
+      hf: the parsed config.json.
+      name: a readable model name (default: the config's `_name_or_path`).
+      where: what to name in error messages (the config.json path, or the GGUF file it was built from).
+
     Raises:
-      ModelError: the `model_type` is not one of the supported families (the message lists them).
+      ModelError: the `model_type` is not one of the supported families (the message lists them); a required key
+        is missing, or a value has the wrong type or is out of range (the message names `where`, the key and the
+        architecture).
     """
+    if not isinstance(hf, Mapping):
+        raise ModelError(f"{where}: expected a JSON object of config keys, got {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_FAMILIES:
         listing = "; ".join(f"{k}: {v[1]}" for k, v in SUPPORTED_FAMILIES.items())
         arch = hf.get("architectures")
         raise ModelError(
-            f"unsupported architecture: model_type={model_type!r} (architectures={arch}); "
+            f"{where}: unsupported architecture: model_type={model_type!r} (architectures={arch}); "
             f"supported model_type values are {listing}"
         )
-    family = SUPPORTED_FAMILIES[model_type][0]
-    D = int(hf["hidden_size"])
-    N = int(hf["num_attention_heads"])
-    K = int(hf.get("num_key_value_heads") or N)
-    H = int(hf.get("head_dim") or D // N)
+    try:
+        return _config_from_hf(hf, SUPPORTED_FAMILIES[model_type][0], name)
+    except ModelError as err:
+        raise ModelError(f"{where}: {err} (architecture {model_type})") from None
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as err:  # odd values the checks miss
+        raise ModelError(f"{where}: unusable value ({type(err).__name__}: {err}) (architecture {model_type})") from err
+
+
+def _config_from_hf(hf: Mapping[str, Any], family: Family, name: str) -> DecoderConfig:
+    keys = _Keys(hf)
+    D = keys.integer("hidden_size")
+    N = keys.integer("num_attention_heads")
+    K = keys.integer("num_key_value_heads", 0, minimum=0) or N
+    H = keys.integer("head_dim", 0, minimum=0) or D // N
+    if not H:
+        raise ModelError(f"hidden_size={D} < num_attention_heads={N} and no head_dim")
     theta, scaling, partial = _rope_params(hf)
     rotary_dim = int(H * partial)
-    L = int(hf["num_hidden_layers"])
+    L = keys.integer("num_hidden_layers")
     tie_default = family == "gemma2"
     common = dict(
         family=family,
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=keys.integer("vocab_size"),
         d_model=D,
         n_layers=L,
         n_heads=N,
         n_kv_heads=K,
         head_dim=H,
-        d_ff=int(hf["intermediate_size"]),
+        d_ff=keys.integer("intermediate_size"),
         rope_theta=theta,
         rotary_dim=rotary_dim,
         rope_scaling=scaling,
-        max_position=int(hf.get("max_position_embeddings", 2048)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", tie_default)),
+        max_position=keys.integer("max_position_embeddings", 2048),
+        tie_embeddings=keys.flag("tie_word_embeddings", tie_default),
         name=name or str(hf.get("_name_or_path", "")),
     )
     if family == "gpt_neox":
         return DecoderConfig(
-            norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
-            parallel_residual=bool(hf.get("use_parallel_residual", True)),
+            norm_eps=keys.number("layer_norm_eps", 1e-5),
+            parallel_residual=keys.flag("use_parallel_residual", True),
             **common,
         )
     if family == "gemma2":
-        window = hf.get("sliding_window")
+        window = keys.integer("sliding_window", 0, minimum=0)
         types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)]
+        if not isinstance(types, list | tuple) or not all(isinstance(t, str) for t in types):
+            raise ModelError(f"key 'layer_types' must be a list of strings, got {types!r}")
         return DecoderConfig(
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            query_scale=float(hf.get("query_pre_attn_scalar", H)) ** -0.5,
-            attn_logit_softcap=_opt_float(hf.get("attn_logit_softcapping")),
-            final_logit_softcap=_opt_float(hf.get("final_logit_softcapping")),
-            sliding_window=int(window) if window else None,
+            norm_eps=keys.number("rms_norm_eps", 1e-6),
+            query_scale=keys.number("query_pre_attn_scalar", float(H)) ** -0.5,
+            attn_logit_softcap=keys.number("attn_logit_softcapping", None),
+            final_logit_softcap=keys.number("final_logit_softcapping", None),
+            sliding_window=window or None,
             layer_types=tuple("sliding" if t == "sliding_attention" else "full" for t in types),
             **common,
         )
     if family == "qwen2" and hf.get("use_sliding_window"):
         raise ModelError("Qwen2 with use_sliding_window=true is not supported")
-    return DecoderConfig(norm_eps=float(hf.get("rms_norm_eps", 1e-5)), **common)
+    return DecoderConfig(norm_eps=keys.number("rms_norm_eps", 1e-5), **common)
 
 
 def _opt_float(x) -> float | None:
@@ -284,14 +363,21 @@ def _opt_float(x) -> float | None:
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
-    """The parsed `config.json` at `path`, with a clear error if it is missing or not JSON."""
+    """The parsed `config.json` at `path`, with a clear error if it is missing, not JSON or not a JSON object."""
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            hf = json.load(fh)
     except FileNotFoundError as err:
         raise ModelError(f"{path}: no config.json (a Hugging Face model directory needs one)") from err
     except json.JSONDecodeError as err:
         raise ModelError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from err
+    except UnicodeDecodeError as err:
+        raise ModelError(f"{path}: not valid JSON (not UTF-8 text: {err.reason} at byte {err.start})") from err
+    except OSError as err:
+        raise ModelError(f"{path}: cannot be read ({err.strerror or err})") from err
+    if not isinstance(hf, dict):
+        raise ModelError(f"{path}: expected a JSON object of config keys, got a JSON {type(hf).__name__}")
+    return hf
 
 
 def llama3_inv_freq(inv_freq, scaling: Mapping[str, Any]):

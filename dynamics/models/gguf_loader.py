@@ -10,6 +10,7 @@ RoPE pairs adjacent dims, transformers' pairs the two halves); we undo that perm
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Any
@@ -90,17 +91,25 @@ def gguf_hf_config(reader, path: str) -> dict[str, Any]:
     def get(key, default=None):
         return _field(reader, f"{arch}.{key}", default)
 
+    def need(key):
+        value = get(key)
+        if value is None:
+            raise ModelError(f"{path}: the GGUF metadata lacks {arch}.{key} (architecture {arch})")
+        return value
+
     n_tokens = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise ModelError(f"{path}: the GGUF file has no token_embd.weight tensor (architecture {arch})")
     vocab = int(get("vocab_size", None) or embd.shape[-1] or n_tokens)
-    heads = int(get("attention.head_count"))
-    d_model = int(get("embedding_length"))
+    heads = int(need("attention.head_count"))
+    d_model = int(need("embedding_length"))
     return {
         "model_type": GGUF_ARCHITECTURES[arch],
         "vocab_size": vocab,
         "hidden_size": d_model,
-        "num_hidden_layers": int(get("block_count")),
-        "intermediate_size": int(get("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "intermediate_size": int(need("feed_forward_length")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
         "head_dim": int(get("attention.key_length", d_model // heads)),
@@ -160,15 +169,80 @@ def rest_is(name: str, suffix: str) -> bool:
     return name.startswith("blk.") and name.endswith("." + suffix)
 
 
-def open_gguf(path: str):
-    """A `gguf.GGUFReader` on `path` (memory-mapped), with a clear error for a missing or unreadable file."""
-    from gguf import GGUFReader
+class _Truncated(Exception):
+    """Raised inside the checked reader: the file ends before the bytes it declares (`needed` > `size`)."""
 
+    def __init__(self, part: str, needed: int, size: int, tensor: str | None = None):
+        super().__init__(part, needed, size, tensor)
+        self.part, self.needed, self.size, self.tensor = part, needed, size, tensor
+
+
+@functools.lru_cache(maxsize=1)
+def _checked_reader_class():
+    """`gguf.GGUFReader` with bounds checks: a file cut short raises `_Truncated` instead of a numpy error.
+
+    `_get` (every read of the header, the metadata and the tensor list) checks that the bytes exist; before the
+    tensors are mapped, the byte range every tensor needs (from its offset, shape and type) is checked against the
+    file size, so that a truncated file is reported with the expected and the actual size.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class CheckedReader(GGUFReader):
+        def _get(self, offset, dtype, count=1, *args, **kwargs):
+            try:
+                out = super()._get(offset, dtype, count, *args, **kwargs)
+            except ValueError:  # numpy: a slice of the file too short to view as `dtype`
+                self._check_extent(offset, dtype, count)
+                raise
+            if len(out) < int(count):  # checked only when a read came back short: parsing is slow enough
+                self._check_extent(offset, dtype, count)
+            return out
+
+        def _check_extent(self, offset, dtype, count):
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data) and not getattr(self, "_in_tensors", False):
+                raise _Truncated("header", end, len(self.data))
+
+        def _build_tensors(self, start_offs, fields):
+            needed, last = 0, None
+            try:
+                for field in fields:
+                    _, name, _, dims, raw_type, offset = field.parts
+                    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+                    end = int(start_offs) + int(offset[0]) + int(np.prod(dims, dtype=np.int64)) * type_size // block
+                    if end > needed:
+                        needed, last = end, bytes(name).decode("utf-8", "replace")
+            except Exception:  # an unexpected layout (another gguf version): leave the checks to gguf itself
+                needed = 0
+            if needed > len(self.data):
+                raise _Truncated("tensor data", needed, len(self.data), last)
+            self._in_tensors = True
+            return super()._build_tensors(start_offs, fields)
+
+    return CheckedReader
+
+
+def open_gguf(path: str):
+    """A `gguf.GGUFReader` on `path` (memory-mapped), with a clear error for a missing, truncated or unreadable file.
+
+    Raises:
+      ModelError: no such file, not GGUF, or cut short (the message gives the bytes the file declares and has).
+    """
     if not os.path.exists(path):
         raise ModelError(f"{path}: no such GGUF file")
     try:
-        return GGUFReader(path)
-    except Exception as err:  # gguf raises ValueError/struct errors on bad magic or truncation
+        return _checked_reader_class()(path)
+    except _Truncated as t:
+        if t.part == "header":
+            raise ModelError(
+                f"{path}: the GGUF file is truncated or corrupt: it has {t.size:,} bytes but its header (metadata and "
+                f"tensor list) continues past them (a read up to byte {t.needed:,})"
+            ) from None
+        raise ModelError(
+            f"{path}: the GGUF file is truncated: its tensors need {t.needed:,} bytes (up to the end of "
+            f"{t.tensor!r}) but the file has {t.size:,} bytes ({t.needed - t.size:,} missing)"
+        ) from None
+    except Exception as err:  # gguf raises ValueError/struct errors on bad magic or a corrupt header
         raise ModelError(f"{path}: not a readable GGUF file ({err})") from err
 
 
@@ -182,13 +256,14 @@ def load_gguf(path: str, dtype: str = "float32", progress: bool = False, reader=
       reader: an already open `gguf.GGUFReader` on `path` (shared with the tokenizer loader), or None.
 
     Raises:
-      ModelError: the file is missing or not GGUF, or its architecture is not supported.
+      ModelError: the file is missing, not GGUF or truncated (with the expected and the actual size), its
+        metadata lacks a key, or its architecture is not supported.
     """
     import jax.numpy as jnp
 
     reader = reader if reader is not None else open_gguf(path)
     hf = gguf_hf_config(reader, path)
-    config = config_from_hf(hf, name=hf["_name_or_path"])
+    config = config_from_hf(hf, name=hf["_name_or_path"], where=path)
     tensors = gguf_state_dict(reader, hf, path, progress=progress)
     target = jnp.dtype(dtype)
     params = params_from_state_dict(config, tensors, where=path, cast=lambda a: jnp.asarray(a, target))

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dynamics.errors import ModelError
+from dynamics.errors import ModelError, RmdynError
 from dynamics.models.config import DecoderConfig, config_from_hf, read_hf_config
 
 Params = dict[str, Any]
@@ -146,19 +146,28 @@ def params_from_state_dict(
     src = _Source(tensors, _PREFIXES[config.family], where)
     c = config
     cast = cast or (lambda a: a)
+    embed = src("embed_in.weight" if c.family == "gpt_neox" else "embed_tokens.weight")
+    if embed.shape != (c.vocab_size, c.d_model):
+        raise ModelError(f"{where}: embedding has shape {embed.shape}, config says {(c.vocab_size, c.d_model)}")
+    build = _neox_layer if c.family == "gpt_neox" else _llama_like_layer
+    layers = []
+    for i in range(c.n_layers):
+        try:
+            layers.append(build(src, i, c))
+        except (ValueError, AssertionError) as err:  # a reshape or shape check: the config does not fit the tensors
+            if isinstance(err, ModelError):
+                raise
+            raise ModelError(
+                f"{where}: the tensors of layer {i} do not have the shapes the config implies (d_model={c.d_model}, "
+                f"heads={c.n_heads}/{c.n_kv_heads}, head_dim={c.head_dim}, d_ff={c.d_ff}): {err or 'shape mismatch'}"
+            ) from err
     if c.family == "gpt_neox":
-        embed = src("embed_in.weight")
-        layers = [_neox_layer(src, i, c) for i in range(c.n_layers)]
         final = _norm(src, "final_layer_norm", c)
         # Pythia checkpoints call the head embed_out; transformers ≥ 5 saves it as lm_head
         head_name = "embed_out.weight" if src.has("embed_out.weight", top=True) else "lm_head.weight"
     else:
-        embed = src("embed_tokens.weight")
-        layers = [_llama_like_layer(src, i, c) for i in range(c.n_layers)]
         final = _norm(src, "norm", c)
         head_name = "lm_head.weight"
-    if embed.shape != (c.vocab_size, c.d_model):
-        raise ModelError(f"{where}: embedding has shape {embed.shape}, config says {(c.vocab_size, c.d_model)}")
     params: Params = {"embed": {"embedding": embed}, "final_norm": final}
     for i, layer in enumerate(layers):
         params[f"layers_{i}"] = layer
@@ -183,31 +192,57 @@ def _map_leaves(tree, fn):
 def _safetensors_files(directory: str) -> list[str]:
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index, encoding="utf-8") as fh:
-            names = sorted(set(json.load(fh)["weight_map"].values()))
-        return [os.path.join(directory, n) for n in names]
+        try:
+            with open(index, encoding="utf-8") as fh:
+                weight_map = json.load(fh)["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ModelError(f"{index}: not valid JSON ({err})") from err
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ModelError(f"{index}: expected a JSON object with a 'weight_map' of tensor → file name") from err
+        files = [os.path.join(directory, str(n)) for n in names]
+        for path in files:
+            if not os.path.isfile(path):
+                raise ModelError(f"{path}: listed in {os.path.basename(index)} but missing")
+        return files
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
         raise ModelError(f"{directory}: no *.safetensors files (only safetensors weights are supported)")
     return files
 
 
+def _safetensors_reason(err: Exception) -> str:
+    """safetensors' reason without its prefix: "header too large", "header too small", "invalid header length"."""
+    text = str(err) or type(err).__name__
+    return text.split("Error while deserializing header: ", 1)[-1]
+
+
 def load_hf_directory(directory: str, dtype: str = "float32") -> tuple[DecoderConfig, Params]:
     """(config, params) from a local Hugging Face directory, arrays as jax arrays of `dtype`.
 
     Raises:
-      ModelError: no config.json, an unsupported `model_type` (lists the supported ones), missing tensors.
+      ModelError: no config.json, one that is not JSON or lacks a required key or has a value of the wrong type,
+        an unsupported `model_type` (lists the supported ones), a safetensors file that cannot be read, missing
+        tensors or shapes that do not match the config. The message names the file.
     """
     import jax.numpy as jnp
     from safetensors import safe_open
 
-    hf = read_hf_config(os.path.join(directory, "config.json"))
-    config = config_from_hf(hf, name=os.path.basename(os.path.normpath(directory)))
+    config_path = os.path.join(directory, "config.json")
+    hf = read_hf_config(config_path)
+    config = config_from_hf(hf, name=os.path.basename(os.path.normpath(directory)), where=config_path)
     tensors: dict[str, Any] = {}
     for path in _safetensors_files(directory):
-        with safe_open(path, framework="flax") as fh:
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
+        try:
+            with safe_open(path, framework="flax") as fh:
+                for key in fh.keys():
+                    tensors[key] = fh.get_tensor(key)
+        except Exception as err:  # safetensors raises SafetensorError (no public base class) on a corrupt file
+            if isinstance(err, RmdynError | MemoryError):
+                raise
+            raise ModelError(
+                f"{path}: not a valid safetensors file ({_safetensors_reason(err)}; {os.path.getsize(path):,} bytes)"
+            ) from err
     target = jnp.dtype(dtype)
     params = params_from_state_dict(config, tensors, where=directory, cast=lambda a: jnp.asarray(a, target))
     return config, params
