@@ -376,4 +376,5 @@ def bundled_data_path(name: str) -> pathlib.Path:
     if len(matches) == 1:
         return files[matches[0]]
     what = "ambiguous" if matches else "unknown"
-    raise DataError(f"{what} bundled data file {name!r}; available: {', '.join(sorted(files))}")
+    data = sorted(k for k in files if k.endswith(_PACKAGE_DATA_SUFFIXES))  # not the README and LICENSE files
+    raise DataError(f"{what} bundled data file {name!r}; available: {', '.join(data)}")

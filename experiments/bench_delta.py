@@ -252,7 +252,11 @@ def run(args: argparse.Namespace) -> int:
 
     if min(args.pairs, args.chunk_size, args.grad_chunk_size, args.repeats) < 1:
         raise ConfigError("--pairs, --chunk-size, --grad-chunk-size and --repeats must be ≥ 1")
-    loaded = load_model(args)
+    if not args.tiny:
+        from experiments.commands._checks import check_model_source
+
+        check_model_source(args.model)
+    sizes = []
     if args.memory:
         try:
             sizes = [int(x) for x in args.memory.split(",")]
@@ -260,6 +264,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--memory must be comma-separated integers, got {args.memory!r}") from err
         if min(sizes) < 1:
             raise ConfigError("--memory sizes must be ≥ 1")
+    loaded = load_model(args)
+    if args.memory:
         m = memory_curve(loaded, sizes, args.chunk_size, args.reward)
         gib = 2**30
         print(f"bench delta --memory: compiled peak memory (XLA temporaries + outputs), {m['reward'].upper()}-RM, "

@@ -112,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from err
     if not lengths or min(lengths) < 1 or args.repeats < 1 or args.chunk < 1:
         raise ConfigError("--lengths, --repeats and --chunk must be positive")
+    from experiments.commands._checks import check_model_source, check_output_dir
+
+    check_model_source(args.model)
+    if args.out:
+        check_output_dir(args.out, "--out", files=["bench_rho.json"])
     res = bench_rho(lengths, args.chunk, args.repeats, args.model)
     mib = 2**20
     print(f"ρ benchmark: V = {res['vocab']:,}, D = {res['d_model']}, chunk = {res['chunk']}, {res['model']}")

@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", type=int, default=41, help="recording points (default 41)")
     parser.add_argument("--repeats", type=int, default=2, help="timed repetitions, the minimum is kept")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write bench_theorem2.json here")
 
 
 def bench_theorem2(
@@ -42,9 +43,16 @@ def bench_theorem2(
       `vmap` and `loop` (best of `repeats`, compile excluded), `ratio` = loop / vmap, `max_abs_diff` of cos
       and accuracies and `max_rel_diff_log_loss` between the two results, and the settings.
     """
-    import numpy as np
-
     from dynamics.errors import ConfigError
+
+    if n_seeds < 1 or repeats < 1:
+        raise ConfigError(f"need --seeds >= 1 and --repeats >= 1, got {n_seeds}, {repeats}")
+    if not 1 <= n_steps < 2**31:
+        raise ConfigError(f"--steps must be an integer in [1, 2**31), got {n_steps}")
+    if n_grid < 2:
+        raise ConfigError(f"--grid must be an integer >= 2, got {n_grid}")
+    import numpy as np  # theory.theorem2 imports JAX: after the checks
+
     from theory.theorem2 import (
         Theorem2Config,
         max_margin_directions,
@@ -53,8 +61,6 @@ def bench_theorem2(
         synthetic_problems,
     )
 
-    if n_seeds < 1 or repeats < 1:
-        raise ConfigError(f"need --seeds >= 1 and --repeats >= 1, got {n_seeds}, {repeats}")
     config = Theorem2Config(n_steps=n_steps, schedule=schedule, method=method, n_grid=n_grid)
     problem = synthetic_problems(seed, n_seeds)
     u_star = np.stack([r.direction for r in max_margin_directions(problem)])
@@ -102,6 +108,10 @@ def bench_theorem2(
 
 def run(args: argparse.Namespace) -> int:
     """Prints the benchmark."""
+    if getattr(args, "out", None):  # a bad --out fails before the benchmark runs
+        from experiments.commands._checks import check_output_dir
+
+        check_output_dir(args.out, "--out", files=["bench_theorem2.json"])
     r = bench_theorem2(args.seeds, args.steps, args.schedule, args.method, args.grid, args.repeats, args.seed)
     print(
         f"bench theorem2: {r['n_seeds']} seeds × {r['n_steps']} {r['schedule']} GD steps "
@@ -120,4 +130,10 @@ def run(args: argparse.Namespace) -> int:
             "  (batched and unbatched kernels round differently; where normalized GD runs at the edge of\n"
             "   stability on a seed, those differences grow in the loss, not in the direction or accuracies)"
         )
+    if getattr(args, "out", None):
+        import os
+
+        from dynamics.io import write_json_atomic
+
+        print(f"wrote {write_json_atomic(os.path.join(args.out, 'bench_theorem2.json'), r)}")
     return 0

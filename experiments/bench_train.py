@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pass-positions", type=int, default=None, help="rmdyn's TrainConfig.pass_positions (default: the engine's)"
     )
+    parser.add_argument("--model", default=None, help="a .gguf file or HF directory, both sides (default: SmolLM2)")
     parser.add_argument("--out", default=None, help="write bench_train.json here")
 
 
@@ -128,17 +129,20 @@ def _rmdyn_step(loaded, batch, micro: int, spec: str, repeats: int, pack: bool =
     }
 
 
-def _torch_step(batch, micro: int, repeats: int, beta: float = 0.01):
+def _torch_step(batch, micro: int, repeats: int, beta: float = 0.01, model_source: str | None = None):
     import torch
     import transformers
 
     from dynamics.models import default_model_path
 
     torch.set_num_threads(os.cpu_count() or 1)
-    path = default_model_path()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    )
+    path = default_model_path() if model_source in (None, "", "default") else model_source
+    if os.path.isdir(path):  # a Hugging Face directory
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+        )
     model.train()
     for mod in model.modules():  # no dropout anywhere: same function as rmdyn's
         if isinstance(mod, torch.nn.Dropout):
@@ -193,6 +197,7 @@ def bench_train(
     skip_torch=False,
     unpacked=True,
     pass_positions=None,
+    model=None,
 ):
     """Seconds per step and tokens/s of both trainers on the same batch; `ratio` = torch time / rmdyn time.
 
@@ -203,13 +208,14 @@ def bench_train(
     "torch_passes" times torch in micro-batches of that many pairs, and `ratio_passes` is its time over rmdyn's.
     """
     from dynamics.errors import ConfigError
-    from dynamics.loading import load
 
     if min(pairs, tokens, micro, repeats) < 1 or not 1 <= response_tokens < tokens:
         raise ConfigError(
             "--pairs, --tokens, --micro-batch, --repeats must be ≥ 1 and 1 ≤ --response-tokens < --tokens"
         )
-    loaded = load()
+    from dynamics.loading import load  # JAX: after the checks
+
+    loaded = load(model)
     batch = _token_batch(loaded.tokenizer, pairs, tokens, response_tokens)
     n_tokens = 2 * pairs * tokens
     out: dict[str, Any] = {"pairs": pairs, "tokens": tokens, "response_tokens": response_tokens,
@@ -219,14 +225,14 @@ def bench_train(
         out[name] = _rmdyn_step(loaded, batch, micro, spec, repeats, pack=pack, pass_positions=pass_positions)
         out[name]["tokens_per_s"] = n_tokens / out[name]["step_s"]
     if not skip_torch:
-        out["torch"] = _torch_step(batch, micro, repeats)
+        out["torch"] = _torch_step(batch, micro, repeats, model_source=model)
         out["torch"]["tokens_per_s"] = n_tokens / out["torch"]["step_s"]
         out["ratio"] = out["torch"]["step_s"] / out["rmdyn"]["step_s"]
         if unpacked:
             out["ratio_unpacked"] = out["torch"]["step_s"] / out["rmdyn_unpacked"]["step_s"]
         pass_pairs = -(-pairs // out["rmdyn"]["passes"])  # pairs per pass of rmdyn's default step
         if pass_pairs < micro:
-            out["torch_passes"] = _torch_step(batch, pass_pairs, repeats)
+            out["torch_passes"] = _torch_step(batch, pass_pairs, repeats, model_source=model)
             out["torch_passes"]["micro_batch"] = pass_pairs
             out["torch_passes"]["tokens_per_s"] = n_tokens / out["torch_passes"]["step_s"]
             out["ratio_passes"] = out["torch_passes"]["step_s"] / out["rmdyn"]["step_s"]
@@ -234,8 +240,21 @@ def bench_train(
 
 
 def run(args: argparse.Namespace) -> int:
+    from dynamics.errors import ConfigError
+
+    if min(args.pairs, args.tokens, args.micro_batch, args.repeats) < 1 or not 1 <= args.response_tokens < args.tokens:
+        raise ConfigError(
+            "--pairs, --tokens, --micro-batch, --repeats must be ≥ 1 and 1 ≤ --response-tokens < --tokens"
+        )
+    if args.pass_positions is not None and args.pass_positions < 0:
+        raise ConfigError(f"--pass-positions must be ≥ 0, got {args.pass_positions}")
+    from experiments.commands._checks import check_model_source, check_output_dir
+
+    check_model_source(args.model)
+    if args.out:
+        check_output_dir(args.out, "--out", files=["bench_train.json"])
     res = bench_train(args.pairs, args.tokens, args.response_tokens, args.micro_batch, args.repeats, args.params,
-                      args.skip_torch, not args.packed_only, args.pass_positions)  # fmt: skip
+                      args.skip_torch, not args.packed_only, args.pass_positions, args.model)  # fmt: skip
     print(
         f"training step: IM-RM (β = 0.01, reference precomputed), DPO loss, Adam, {res['pairs']} pairs × "
         f"{res['tokens']} tokens = {res['tokens_per_step']:,} tokens (a shared prompt of "

@@ -161,9 +161,16 @@ class ExperimentPlan:
     overrides: tuple[str, ...] = ()
 
     def runs(self) -> list[RunSpec]:
-        """One `RunSpec` per grid combination; named "key=value,..." over the axes with more than one value."""
+        """One `RunSpec` per grid combination; named "key=value,..." over the axes with more than one value.
+
+        A collapsed grid (one point, or no axes at all, e.g. after `--set reward=im`) is named the same way after
+        its single-valued axes and the reward type ("reward=im"), so that its run directory says what it holds;
+        "run" only when there is neither.
+        """
         axes = list(self.grid)
         varying = [a for a in axes if len(self.grid[a]) > 1]
+        if not varying:
+            varying = axes + (["reward"] if "reward" in self.values and "reward" not in axes else [])
         out = []
         for combo in itertools.product(*(self.grid[a] for a in axes)):
             values = {**self.values, **dict(zip(axes, combo, strict=True))}

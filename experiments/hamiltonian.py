@@ -653,7 +653,7 @@ def hamiltonian_table(final_evals: Mapping[str, Mapping[str, float]]) -> dict[st
 
 def table(plan: Any, finals: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     """The Hamiltonian table of a plan's runs, a column per run (labelled by reward when only it varies)."""
-    only_reward = [a for a, v in plan.grid.items() if len(v) > 1] == ["reward"]
+    only_reward = [a for a, v in plan.grid.items() if len(v) > 1] in (["reward"], [])  # [] : a collapsed grid
     columns = {}
     for spec in plan.runs():
         if spec.name in finals:

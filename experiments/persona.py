@@ -43,6 +43,7 @@ __all__ = [
     "persona_eval_suite",
     "persona_table",
     "persona_texts",
+    "persona_traits",
     "run",
     "validate",
 ]
@@ -95,7 +96,24 @@ def _data_file(values: Mapping[str, Any]) -> str:
         if not os.path.isfile(values["data_file"]):
             raise DataError(f"data_file {values['data_file']!r}: no such file")
         return values["data_file"]
+    traits = persona_traits()
+    if values["trait"] not in traits:
+        raise ConfigError(
+            f"trait {values['trait']!r}: no bundled Persona file persona/{values['trait']}.jsonl; traits: "
+            f"{', '.join(traits)} (or set data_file to a Persona JSONL file)"
+        )
     return str(bundled_data_path(f"persona/{values['trait']}.jsonl"))
+
+
+def persona_traits() -> list[str]:
+    """The bundled Persona traits: the stems of experiments/data/persona/*.jsonl (not its README or LICENSE)."""
+    from dynamics.datasets import bundled_data_names
+
+    return sorted(
+        name[len("persona/") : -len(".jsonl")]
+        for name in bundled_data_names()
+        if name.startswith("persona/") and name.endswith(".jsonl")
+    )
 
 
 def _nonempty(values: Mapping[str, Any], key: str) -> list[str]:
@@ -255,6 +273,8 @@ def validate(values: Mapping[str, Any]) -> None:
       DataError: a malformed data file (file and line), an empty training or evaluation set.
       ModelError: the model path does not exist.
     """
+    if "trait" in values and "data_file" in values:
+        _data_file(values)  # an unknown trait or a missing data_file fails before the training imports (JAX)
     validate_training_keys("persona", values, PERSONA_KEYS)
     persona_texts(values)
     from dynamics.models import resolve_model_source
@@ -342,7 +362,7 @@ REWARD_LABELS = {
 
 def table(plan: Any, finals: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     """The Persona table of a plan's runs: a column per run, labelled by its reward type when only that varies."""
-    only_reward = [a for a, v in plan.grid.items() if len(v) > 1] == ["reward"]
+    only_reward = [a for a, v in plan.grid.items() if len(v) > 1] in (["reward"], [])  # [] : a collapsed grid
     columns = {}
     for spec in plan.runs():
         if spec.name in finals:

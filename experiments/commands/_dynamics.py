@@ -125,29 +125,57 @@ def reward_kinds(reward: str) -> list[str]:
 def resolve_params(spec: str | None, kinds: Sequence[str], method: str = "ntk") -> str:
     """The --params spec (default all, or output for closed_form), checked against the reward types.
 
+    The same checks as `dynamics.masks.check_spec` (whose messages describe the value: "parameter selection
+    'last:x': ..."), done here without importing JAX so that a bad value fails at once; every message starts with
+    "--params: ". What needs the model (K ≤ the number of blocks, a pattern that selects nothing) is checked by
+    `check_params_on_model` once it is loaded.
+
     Raises:
-      ConfigError: an unknown spec, head for an IM-RM, unembed for an EX-RM, or closed_form with a spec other
-        than output.
+      ConfigError: an unknown spec, a K that is not a positive integer, a PATTERN that is not a regular
+        expression, head for an IM-RM, unembed for an EX-RM, or closed_form with a spec other than output.
     """
     from dynamics.errors import ConfigError
 
     spec = (spec or ("output" if method == "closed_form" else "all")).strip()
+    what = f"parameter selection {spec!r}"
+    if spec.startswith("last:") and not _SPEC.match(spec):
+        raise ConfigError(f"--params: {what}: K in last:K must be a positive integer, got {spec[5:]!r}")
     if not _SPEC.match(spec):
-        raise ConfigError(f"unknown --params {spec!r}; expected {PARAMS_HELP}")
+        raise ConfigError(f"--params: unknown parameter selection {spec!r}; expected {PARAMS_HELP}")
     if spec.startswith("last:") and int(spec[5:]) < 1:
-        raise ConfigError(f"--params {spec}: K must be ≥ 1")
+        raise ConfigError(f"--params: {what}: K in last:K must be a positive integer, got {spec[5:]!r}")
     if spec.startswith("re:"):
         try:
             re.compile(spec[3:])
         except re.error as err:
-            raise ConfigError(f"--params {spec!r}: not a regular expression ({err})") from None
+            raise ConfigError(
+                f"--params: {what}: pattern {spec[3:]!r} is not a valid regular expression ({err})"
+            ) from None
     if spec == "head" and "im" in kinds:
-        raise ConfigError("--params head: the IM-RM has no head (use output: head for EX-RM, unembed for IM-RM)")
+        raise ConfigError(f"--params: {what}: the IM-RM has no head (use output: head for EX-RM, unembed for IM-RM)")
     if spec == "unembed" and "ex" in kinds:
-        raise ConfigError("--params unembed: the EX-RM does not read the unembedding (use output, last:K or all)")
+        raise ConfigError(f"--params: {what}: the EX-RM does not read the unembedding (use output, last:K or all)")
     if method == "closed_form" and spec not in ("output", "head", "unembed"):
         raise ConfigError(f"--method closed_form covers Assumption 1 only (--params output); got --params {spec}")
     return spec
+
+
+def check_params_on_model(rm: Any, params: Any, spec: str) -> None:
+    """The --params spec against the loaded reward model (K ≤ its blocks, a pattern that selects something).
+
+    Runs `dynamics.masks.trainable_mask` (cheap: a tree of bools) and re-raises its error with the flag's name.
+
+    Raises:
+      ConfigError: "--params: " and the library's message.
+    """
+    from dynamics.errors import ConfigError, RmdynError
+    from dynamics.masks import normalize_spec, trainable_mask
+
+    try:
+        if normalize_spec(rm, spec) != "unembed":  # unembed needs the untying of `prepare`, and always selects W
+            trainable_mask(rm, params, spec)
+    except RmdynError as err:
+        raise ConfigError(f"--params: {err}") from None
 
 
 def check_chunk_size(value: int) -> int:
@@ -156,6 +184,22 @@ def check_chunk_size(value: int) -> int:
     if value < 1:
         raise ConfigError(f"--chunk-size must be ≥ 1, got {value}")
     return value
+
+
+def check_inputs(args: argparse.Namespace, *out_files: str) -> None:
+    """--model, --train and --unseen exist, and --out can take `out_files` (pure Python: before JAX is imported).
+
+    Raises:
+      ConfigError: a missing --train / --unseen file, or an --out that is a file or cannot be written.
+      ModelError: a --model path that does not exist.
+    """
+    from experiments.commands._checks import check_input_file, check_model_source, check_output_dir
+
+    if not getattr(args, "tiny", False):
+        check_model_source(getattr(args, "model", None))
+    check_input_file(getattr(args, "train", None), "--train")
+    check_input_file(getattr(args, "unseen", None), "--unseen")
+    check_output_dir(args.out, "--out", files=out_files)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,13 +333,57 @@ def reward_model(kind: str, loaded: Any, *, beta: float = DEFAULT_BETA, seed: in
     return rm, rm.init(loaded.params)
 
 
+def row_name(row: Any) -> str:
+    """How the CLI names a training triple: by its flags, its --train file and line, or as the demo's."""
+    source, line = getattr(row, "source", None), getattr(row, "line", None)
+    if source == "flags":
+        return "the training triple (--prompt/--chosen/--rejected)"
+    if source == "demo":
+        return "the Persona demo triple"
+    return f"--train {source} line {line}"
+
+
+def pair_name(pair: Any) -> str:
+    """How the CLI names an unseen pair: "--pair #1" (numbered from 1 as given), its --unseen file and line."""
+    source, line = getattr(pair, "source", None), getattr(pair, "line", None)
+    if source == "--pair":
+        return f"--pair #{line}"
+    if source in (None, "demo"):
+        return f"the demo pair {pair_label(pair)!r}"
+    return f"--unseen {source} line {line}"
+
+
+def _too_long(name: str, err: Any) -> Any:
+    """A DataError for a sequence over the context, in CLI terms: these commands have no truncation option."""
+    from dynamics.errors import DataError
+
+    return DataError(
+        f"{name} is too long for the model's context: {err.lengths} = {err.total} tokens > {err.max_length} "
+        "(the model's max_position); shorten the prompt or the response (these commands do not truncate)"
+    )
+
+
 def encode(loaded: Any, rows: Sequence[Any], pairs: Sequence[Any]) -> tuple[Any, Any]:
-    """(PreferenceBatch of the training rows, PairBatch of the unseen pairs) with the model's chat template."""
+    """(PreferenceBatch of the training rows, PairBatch of the unseen pairs) with the model's chat template.
+
+    Raises:
+      DataError: a triple or a pair longer than the model's context, named as the user gave it ("--pair #2",
+        "--train FILE line 7", ...), with its lengths.
+    """
+    from dynamics.errors import SequenceTooLongError
     from dynamics.text import encode_pairs, encode_preferences
 
     max_len = loaded.lm.config.max_position
-    train = encode_preferences(loaded.tokenizer, rows, max_length=max_len)
-    unseen = encode_pairs(loaded.tokenizer, [p.prompt for p in pairs], [p.response for p in pairs], max_length=max_len)
+    try:
+        train = encode_preferences(loaded.tokenizer, rows, max_length=max_len)
+    except SequenceTooLongError as err:
+        raise _too_long(row_name(rows[err.index]), err) from None
+    try:
+        unseen = encode_pairs(
+            loaded.tokenizer, [p.prompt for p in pairs], [p.response for p in pairs], max_length=max_len
+        )
+    except SequenceTooLongError as err:
+        raise _too_long(pair_name(pairs[err.index]), err) from None
     return train, unseen
 
 

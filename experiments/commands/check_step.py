@@ -62,17 +62,19 @@ def stats_lines(name: str, result: Any) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Validates the options, runs `check_step` per reward type, prints the statistics, writes JSON + figure."""
-    from dynamics.io import write_json_atomic
-    from dynamics.step import check_step
-    from figures.step_scatter import step_scatter_figure
-
     kinds = common.reward_kinds(args.reward)
     spec = common.resolve_params(args.params, kinds)
     lrs = common.parse_lrs(args.lrs)
     common.check_positive(args.beta, "--beta")
     chunk = common.check_chunk_size(args.chunk_size)
+    common.check_inputs(args, "check_step.json", "check_step.png")
     rows, rows_from = common.training_rows(args)
     pairs, pairs_from = common.unseen_pairs(args)
+
+    from dynamics.io import write_json_atomic  # JAX: only once every option is known to be good
+    from dynamics.step import check_step
+    from figures.step_scatter import step_scatter_figure
+
     t0 = time.perf_counter()
     loaded = common.load_model(args)
     train, unseen = common.encode(loaded, rows, pairs)
@@ -81,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         f"{len(pairs)} unseen pairs from {pairs_from}; model {loaded.name} ({time.perf_counter() - t0:.1f} s)"
     )
     results = {}
+    for kind in kinds:  # --params against the loaded model, for every reward type before any computing
+        common.check_params_on_model(*common.reward_model(kind, loaded, beta=args.beta, seed=args.seed), spec)
     for kind in kinds:
         name = common.REWARD_NAMES[kind]
         rm, params = common.reward_model(kind, loaded, beta=args.beta, seed=args.seed)

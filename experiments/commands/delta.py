@@ -64,10 +64,6 @@ def table(results: dict[str, Any], pairs: list[Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Validates the options, computes Δr per reward type, prints the table, writes JSON + figure."""
-    from dynamics.delta import delta_reward
-    from dynamics.io import write_json_atomic
-    from figures.delta_bars import delta_bars_figure
-
     kinds = common.reward_kinds(args.reward)
     spec = common.resolve_params(args.params, kinds, args.method)
     lr = common.check_positive(args.lr, "--lr")
@@ -77,8 +73,13 @@ def run(args: argparse.Namespace) -> int:
         from dynamics.errors import ConfigError
 
         raise ConfigError("--method closed_form is the SGD step (paper-spec §3); Adam's first step needs ntk")
+    common.check_inputs(args, "delta.json", "delta_bars.png", "delta_bars.json")
     rows, rows_from = common.training_rows(args)
     pairs, pairs_from = common.unseen_pairs(args)
+
+    from dynamics.delta import delta_reward  # JAX: only once every option is known to be good
+    from dynamics.io import write_json_atomic
+    from figures.delta_bars import delta_bars_figure
 
     t0 = time.perf_counter()
     loaded = common.load_model(args)
@@ -89,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         f"(loaded in {time.perf_counter() - t0:.1f} s)"
     )
     results = {}
+    for kind in kinds:  # --params against the loaded model, for every reward type before any computing
+        common.check_params_on_model(*common.reward_model(kind, loaded, beta=args.beta, seed=args.seed), spec)
     for kind in kinds:
         rm, params = common.reward_model(kind, loaded, beta=args.beta, seed=args.seed)
         t1 = time.perf_counter()

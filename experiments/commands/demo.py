@@ -20,6 +20,10 @@ from typing import Any
 
 from experiments.commands import _dynamics as common
 
+#: the files `run_demo` writes under --out
+DEMO_FILES = ("delta.json", "delta_bars.png", "delta_bars.json", "rho.png", "rho.json", "rho_content_tokens.png",
+              "rho_content_tokens.json")  # fmt: skip
+
 
 def register(subparsers: Any) -> None:
     """Adds the `demo` sub-command (no heavy imports here)."""
@@ -58,12 +62,18 @@ def table(results: dict[str, Any], pairs: list[Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the demo and prints the table, the ρ sums and the explanation."""
-    from experiments.commands.rho import summary as rho_summary
-    from experiments.dynamics_demo import TRAIN_CHOSEN, TRAIN_REJECTED, explain, run_demo
+    from experiments.commands._checks import check_model_source, check_output_dir
 
     lr = common.check_positive(args.lr, "--lr")
     beta = common.check_positive(args.beta, "--beta")
     chunk = common.check_chunk_size(args.chunk_size)
+    if not args.tiny:
+        check_model_source(args.model)
+    check_output_dir(args.out, "--out", files=DEMO_FILES)
+
+    from experiments.commands.rho import summary as rho_summary
+    from experiments.dynamics_demo import TRAIN_CHOSEN, TRAIN_REJECTED, explain, run_demo
+
     t0 = time.perf_counter()
     loaded = common.load_model(args)
     print(f"rmdyn demo on {loaded.name} (loaded in {time.perf_counter() - t0:.1f} s); η = {lr:g}, β = {beta:g}")

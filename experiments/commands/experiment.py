@@ -56,33 +56,63 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def _check_resume(out: Any, runs: list[Any]) -> None:
+    """ConfigError unless `out` holds at least one of the plan's runs to continue (--resume)."""
+    from dynamics.errors import ConfigError
+
+    expected = (
+        f"expected run directories {out}/<run>/ with config.json and checkpoints/ for the runs "
+        f"{', '.join(s.name for s in runs)} (written by an interrupted `rmdyn experiment` with the same plan, "
+        "preset and --set); check --out, or leave out --resume to start afresh"
+    )
+    if not out.exists():
+        raise ConfigError(f"--resume: nothing to resume: {out} does not exist; {expected}")
+    if not out.is_dir():
+        raise ConfigError(f"--resume: nothing to resume: {out} is a file, not a directory; {expected}")
+    if not any((out / spec.name / "config.json").is_file() for spec in runs):
+        found = sorted(p.name for p in out.iterdir() if (p / "config.json").is_file())
+        seen = f"it holds the runs {found}, none of this plan's" if found else "it holds no run directories"
+        raise ConfigError(f"--resume: nothing to resume in {out}: {seen}; {expected}")
+
+
 def run(args: argparse.Namespace) -> int:
     import importlib
     import json
+    import sys
+    import time
     from pathlib import Path
 
     from dynamics.errors import ConfigError
+    from experiments.commands._checks import check_output_dir
     from experiments.config import load_plan
 
     plan = load_plan(args.name, args.preset, args.overrides)
     if plan.experiment not in RUNNERS:
         raise ConfigError(f"{plan.source}: unknown experiment {plan.experiment!r}; known: {', '.join(RUNNERS)}")
-    runner = importlib.import_module(RUNNERS[plan.experiment])
     runs = plan.runs()
+    out = Path(args.out or f"runs/{plan.name}-{plan.preset or 'base'}")
+    if not args.dry_run:  # the output directory is checked before anything heavy is imported or validated
+        check_output_dir(out, "--out", files=["results.json"])
+        for spec in runs:
+            if (out / spec.name).exists() and not (out / spec.name).is_dir():
+                raise ConfigError(f"--out {out}: {out / spec.name} is a file, but run {spec.name} needs a directory")
+        if args.resume:
+            _check_resume(out, runs)
+        else:
+            taken = [spec.name for spec in runs if (out / spec.name / "config.json").exists()]
+            if taken:
+                raise ConfigError(f"{out} already holds the runs {taken}; pass --resume or choose another --out")
+    runner = importlib.import_module(RUNNERS[plan.experiment])
     for spec in runs:  # every run's options and data are checked before anything trains
         runner.validate(spec.values)
-    out = Path(args.out or f"runs/{plan.name}-{plan.preset or 'base'}")
     print(f"{plan.name} ({plan.preset or 'no preset'}): {len(runs)} run(s) → {out}")
     for spec in runs:
         print(f"  {spec.name}")
     if args.dry_run:
         print(json.dumps(plan.to_dict(), indent=1))
         return 0
-    if not args.resume:
-        taken = [spec.name for spec in runs if (out / spec.name / "config.json").exists()]
-        if taken:
-            raise ConfigError(f"{out} already holds the runs {taken}; pass --resume or choose another --out")
 
+    from dynamics.errors import DataError, SequenceTooLongError
     from dynamics.loading import load
     from dynamics.train import atomic_write_json
 
@@ -92,11 +122,20 @@ def run(args: argparse.Namespace) -> int:
         key = (spec.values["model"], spec.values["dtype"])
         if key not in models:
             models.clear()  # one model in memory at a time
-            models[key] = load(key[0], dtype=key[1])
+            t0 = time.perf_counter()
+            print(f"loading model {key[0]} ({key[1]}) …", file=sys.stderr, flush=True)
+            models[key] = load(key[0], dtype=key[1], progress=not args.no_progress)
+            print(f"loaded {models[key].name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         print(f"\n== {spec.name}")
-        result = runner.run(
-            spec.values, out / spec.name, resume=args.resume, progress=not args.no_progress, loaded=models[key]
-        )
+        try:
+            result = runner.run(
+                spec.values, out / spec.name, resume=args.resume, progress=not args.no_progress, loaded=models[key]
+            )
+        except SequenceTooLongError as err:  # the library says "pass truncate=True": say it in this command's terms
+            raise DataError(
+                f"{spec.name}: {err.where}: {err.lengths} = {err.total} tokens > max_length={err.max_length}; "
+                "add --set truncate=true to cut prompts from the left"
+            ) from None
         finals[spec.name] = dict(result.final_eval)
         print(f"   {result.steps} steps, {result.timing['total_s']:.0f} s, final eval written to {result.run_dir}")
     report = {"plan": plan.to_dict(), "runs": {s.name: s.to_dict() for s in runs}, "final_eval": finals}

@@ -252,11 +252,14 @@ def make_figures(paths: Sequence[str], out: str | Path) -> list[Path]:
     Raises:
       DataError: a path that does not exist, an unreadable run, or nothing found.
     """
+    from experiments.commands._checks import check_output_dir
     from experiments.run_records import find_outputs
-    from figures.experiments import training_curves_figure, ultrafeedback_figure
+
+    check_output_dir(out, "--out", files=["index.md"])
+    runs, footnotes = find_outputs(paths)
+    from figures.experiments import training_curves_figure, ultrafeedback_figure  # matplotlib
     from figures.tables import table_figure
 
-    runs, footnotes = find_outputs(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

@@ -43,17 +43,28 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from dynamics.errors import ConfigError
+    from dynamics.errors import ConfigError, DataError, SequenceTooLongError
+    from experiments.commands._checks import check_model_source, check_output_dir
     from experiments.config import load_plan
-    from experiments.footnote3 import format_statistics, run_footnote3, write
-    from experiments.persona import persona_texts
 
     if args.chunk < 1:
         raise ConfigError(f"--chunk must be >= 1, got {args.chunk}")
+    check_model_source(args.model)
+    check_output_dir(args.out, "--out", files=["footnote3.json"])
+
+    from experiments.footnote3 import format_statistics, run_footnote3, write
+    from experiments.persona import persona_texts
+
     values = dict(load_plan("persona", None, [*args.overrides, f"model={args.model}"]).values)
     persona_texts(values)  # bad data fails before the model loads
     t0 = time.perf_counter()
-    result = run_footnote3(values, chunk=args.chunk)
+    try:
+        result = run_footnote3(values, chunk=args.chunk)
+    except SequenceTooLongError as err:  # the library says "pass truncate=True": say it in this command's terms
+        raise DataError(
+            f"{err.where}: {err.lengths} = {err.total} tokens > max_length={err.max_length}; "
+            "add --set truncate=true to cut prompts from the left"
+        ) from None
     path = write(result, args.out)
     print(format_statistics(result))
     print(f"\n{time.perf_counter() - t0:.0f} s; wrote {path}")

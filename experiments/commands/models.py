@@ -26,6 +26,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.check:
+        from experiments.commands._checks import check_model_source
+
+        check_model_source(args.check, "--check")
     from dynamics.models.config import SUPPORTED_FAMILIES
     from dynamics.models.gguf_loader import (
         DEFAULT_MODEL_FILE,

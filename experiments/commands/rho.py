@@ -20,8 +20,6 @@ import argparse
 import time
 from typing import Any
 
-import numpy as np
-
 from experiments.commands import _dynamics as common
 
 
@@ -46,6 +44,8 @@ def register(subparsers: Any) -> None:
 
 def top_contributions(panel: Any, unseen: list[str], k: int = 3) -> list[str]:
     """The k cells (ȳ_k, v_l) with the largest |⟨h, h'⟩ ρ|, formatted."""
+    import numpy as np
+
     from figures.rho_heatmap import readable_token
 
     prod = panel.product
@@ -83,16 +83,19 @@ def summary(result: Any) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Validates the options, runs `rho_analysis`, prints the sums, writes rho.png + rho.json."""
-    from dynamics.rho import rho_analysis
-    from figures.rho_heatmap import rho_figure
-
     lr = common.check_positive(args.lr, "--lr")
     beta = common.check_positive(args.beta, "--beta")
+    common.check_inputs(args, "rho.png", "rho.json")
     rows, rows_from = common.training_rows(args)
     pairs, pairs_from = common.unseen_pairs(args, single=True)
+
+    from dynamics.rho import rho_analysis  # JAX: only once every option is known to be good
+    from figures.rho_heatmap import rho_figure
+
     row, pair = rows[0], pairs[0]
     t0 = time.perf_counter()
     loaded = common.load_model(args)
+    common.encode(loaded, [row], [pair])  # a triple or pair over the context fails here, named as the user gave it
     rm, params = common.reward_model("im", loaded, beta=beta)
     result = rho_analysis(
         rm, params, prompt=row.prompt, chosen=row.chosen, rejected=row.rejected, unseen_prompt=pair.prompt,

@@ -71,16 +71,28 @@ def _fmt(x: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Prints both instances; writes theorem1.json under --out if given."""
-    import numpy as np
-
     from dynamics.errors import ConfigError
-    from dynamics.io import write_json_atomic
-    from theory.theorem1 import construction_from_counts, verifier_construction
 
     deltas = _parse_deltas(args.deltas)
     beta = args.beta
-    if not (math.isfinite(beta) and beta > 0) or not all(math.isfinite(d) and d > 0 for d in deltas):
-        raise ConfigError(f"--beta and every --deltas value must be finite and > 0, got {beta}, {deltas}")
+    if not (math.isfinite(beta) and beta > 0):
+        raise ConfigError(f"--beta must be a finite number > 0, got {beta}")
+    if not all(math.isfinite(d) and d > 0 for d in deltas):
+        raise ConfigError(f"every --deltas value must be a finite number > 0, got {deltas}")
+    if args.prompts < 1 or args.responses < 2:
+        raise ConfigError(f"need --prompts >= 1 and --responses >= 2, got {args.prompts}, {args.responses}")
+    if args.vertices < 3:
+        raise ConfigError(f"--vertices must be >= 3 (a Hamiltonian cycle needs 3 vertices), got {args.vertices}")
+    if args.out:
+        from experiments.commands._checks import check_output_dir
+
+        check_output_dir(args.out, "--out", files=["theorem1.json"])
+
+    import numpy as np  # the heavy imports (theory imports JAX) once every option is known to be good
+
+    from dynamics.io import write_json_atomic
+    from theory.theorem1 import construction_from_counts, verifier_construction
+
     report: dict[str, Any] = {"beta": beta, "deltas": deltas, "random": [], "hamiltonian": []}
     print("Theorem 1 (paper-spec §4): π(y|x) ∝ π_ref(y|x)·exp((δ/β)·1[y ∈ C(x)]), IM-RM r = β ln π/π_ref")
     print(f"β = {beta}; bound π(C) ≤ e^(δ/β)·π_ref(C); odds ratio = e^(δ/β) exactly; logs are natural\n")

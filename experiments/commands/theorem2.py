@@ -17,37 +17,72 @@ from typing import Any
 DEFAULTS = {"seeds": 50, "steps": 10_000, "lr": 0.5, "schedule": "normalized", "grid": 41}
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default in its help."""
+
+
 def register(subparsers: Any) -> None:
     """Adds the `theorem2` sub-command (no heavy imports here)."""
     parser = subparsers.add_parser(
         "theorem2",
         help="Theorem 2 simulation: EX-RM converges to u*, IM-RM ties on unseen tokens (writes PNG + JSON)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--source", choices=("synthetic", "model"), default="synthetic", help="representations")
+    parser.add_argument(
+        "--model", default=None, metavar="PATH", help="--source model: a .gguf file or HF directory (default SmolLM2)"
+    )
     parser.add_argument("--seeds", type=int, default=DEFAULTS["seeds"], help="number of seeds (vmapped)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
-    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="GD steps (default 10000)")
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="EX-RM step size η (default 0.5)")
-    parser.add_argument("--im-lr", type=float, default=None, help="IM-RM step size (default lr/β²)")
-    parser.add_argument("--beta", type=float, default=0.01, help="β of the IM-RM (default 0.01)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed")
+    parser.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="GD steps")
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="EX-RM step size η")
+    parser.add_argument("--im-lr", type=float, default=None, help="IM-RM step size (None: --lr / --beta²)")
+    parser.add_argument("--beta", type=float, default=0.01, help="β of the IM-RM")
     parser.add_argument(
         "--schedule",
         choices=("plain", "normalized"),
         default=DEFAULTS["schedule"],
-        help="plain GD (the theorem's setting; ~1e7 steps to cos 0.99) or η/L(θ_t) (default normalized)",
+        help="plain GD (the theorem's setting; ~1e7 steps to cos 0.99) or η/L(θ_t)",
     )
     parser.add_argument(
         "--method", choices=("dual", "primal"), default="dual", help="dual (fast) or primal (reference)"
     )
     parser.add_argument("--grid", type=int, default=DEFAULTS["grid"], help="log-spaced recording points")
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="precision")
-    parser.add_argument("--out", default="runs/theorem2", help="output directory (default runs/theorem2)")
+    parser.add_argument("--out", default="runs/theorem2", help="output directory")
     parser.set_defaults(func=run)
 
 
-def load_problem(source: str, n_seeds: int, seed: int) -> Any:
+def check_args(args: argparse.Namespace) -> None:
+    """Every option that can be checked without JAX, naming the flag (the simulator's own checks use its field
+    names: n_steps, n_grid, im_lr).
+
+    Raises:
+      ConfigError: a value out of range, or an --out that is a file or cannot be written.
+    """
+    import math
+
+    from dynamics.errors import ConfigError
+    from experiments.commands._checks import check_model_source, check_output_dir
+
+    if getattr(args, "model", None) is not None:
+        check_model_source(args.model)
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    if not 1 <= args.steps < 2**31:
+        raise ConfigError(f"--steps must be an integer in [1, 2**31), got {args.steps}")
+    for flag, value in (("--lr", args.lr), ("--beta", args.beta), ("--im-lr", args.im_lr)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} must be a finite number > 0, got {value!r}")
+    if args.grid < 2:
+        raise ConfigError(f"--grid must be an integer >= 2, got {args.grid}")
+    if args.model is not None and args.source != "model":
+        raise ConfigError(f"--model is for --source model (the synthetic source has no model), got {args.model}")
+    check_output_dir(args.out, "--out", files=["theorem2.png", "theorem2.json"])
+
+
+def load_problem(source: str, n_seeds: int, seed: int, model: str | None = None) -> Any:
     """The batched `Theorem2Problem` of a source.
 
     Raises:
@@ -66,7 +101,7 @@ def load_problem(source: str, n_seeds: int, seed: int) -> Any:
     from experiments.theorem2_model import model_problem
     from theory.theorem2 import broadcast_problem
 
-    return broadcast_problem(model_problem(n_seeds=n_seeds, seed=seed), n_seeds)
+    return broadcast_problem(model_problem(n_seeds=n_seeds, seed=seed, model=model), n_seeds)
 
 
 def _table(result: Any) -> list[str]:
@@ -94,6 +129,15 @@ def _table(result: Any) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the simulation, prints a table and the Theorem-2 checks, writes the figure and the JSON."""
+    import sys
+
+    check_args(args)
+
+    def say(line: str) -> None:  # progress on stderr; stdout keeps the table and the results
+        print(f"theorem2: {line}", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    say(f"source {args.source}, {args.seeds} seeds: importing JAX and building the problem …")
     import numpy as np
 
     from figures.theorem2 import theorem2_figure
@@ -109,12 +153,13 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         method=args.method,
     )
-    t0 = time.perf_counter()
-    problem = load_problem(args.source, args.seeds, args.seed)
+    problem = load_problem(args.source, args.seeds, args.seed, args.model)
     t1 = time.perf_counter()
+    say(f"problem ready in {t1 - t0:.1f} s; max-margin directions u* (a QP per seed) …")
     u_star = np.stack([r.direction for r in max_margin_directions(problem)])
     t2 = time.perf_counter()
-    result = simulate_theorem2(problem, config, u_star=u_star, seed=args.seed)
+    say(f"u* in {t2 - t1:.1f} s")
+    result = simulate_theorem2(problem, config, u_star=u_star, seed=args.seed, progress=say)
     t3 = time.perf_counter()
 
     print(
