@@ -728,9 +728,17 @@ def _chunks(n: int, size: int) -> list[tuple[np.ndarray, int]]:
 
 
 def _add_lower_cache(
-    compiled: _Compiled, lm_params: Params, fields: dict[str, np.ndarray], chunk: int, bucket: int, mesh: Any = None
+    compiled: _Compiled,
+    lm_params: Params,
+    fields: dict[str, np.ndarray],
+    chunk: int,
+    bucket: int,
+    mesh: Any = None,
+    bar: Any = None,
 ):
-    """Adds "x" [n, T, D]: the residual stream after the frozen blocks 0 … start − 1, computed once per row."""
+    """Adds "x" [n, T, D]: the residual stream after the frozen blocks 0 … start − 1, computed once per row.
+
+    `bar` (a tqdm bar, or None) advances by the rows of each chunk."""
     tokens, mask = fields["tokens"], fields["attention_mask"]
     n, full = tokens.shape
     side = _padding_side(mask)
@@ -745,11 +753,18 @@ def _add_lower_cache(
         x[idx, :T] = out if side == "right" else 0
         if side == "left":
             x[idx, full - T :] = out
+        if bar is not None:
+            bar.update(k)
     fields["x"] = x
 
 
 def _logprobs(
-    compiled: _Compiled, lm_params: Params | None, fields: Mapping[str, np.ndarray], config, mesh: Any = None
+    compiled: _Compiled,
+    lm_params: Params | None,
+    fields: Mapping[str, np.ndarray],
+    config,
+    mesh: Any = None,
+    bar: Any = None,
 ) -> np.ndarray:
     """ln π(y|x) of every row under `lm_params`, float64 [n], in evaluation-sized chunks (0 when None).
 
@@ -759,25 +774,31 @@ def _logprobs(
     """
     n = fields["tokens"].shape[0]
     if lm_params is None:
+        if bar is not None:
+            bar.update(n)
         return np.zeros(n, np.float64)
-    out = [
-        np.asarray(compiled.logprob(lm_params, _on_mesh(compiled.prepare(fields, idx, config.bucket), mesh)))[:k]
-        for idx, k in _chunks(n, _eval_chunk(config, mesh))
-    ]
+    out = []
+    for idx, k in _chunks(n, _eval_chunk(config, mesh)):
+        out.append(
+            np.asarray(compiled.logprob(lm_params, _on_mesh(compiled.prepare(fields, idx, config.bucket), mesh)))[:k]
+        )
+        if bar is not None:
+            bar.update(k)
     return np.concatenate(out).astype(np.float64)
 
 
 def _score_set(
-    compiled: _Compiled, params: Params, fields, ref: np.ndarray | None, config, mesh: Any = None
+    compiled: _Compiled, params: Params, fields, ref: np.ndarray | None, config, mesh: Any = None, bar: Any = None
 ) -> np.ndarray:
-    """The reward of every row of one sequence set, float64 [n]."""
+    """The reward of every row of one sequence set, float64 [n] (`bar`: a tqdm bar advanced per chunk, or None)."""
     if isinstance(compiled.rm, ImplicitRM):
-        lp = _logprobs(compiled, params["lm"], fields, config, mesh)
+        lp = _logprobs(compiled, params["lm"], fields, config, mesh, bar)
         return compiled.rm.beta * (lp - ref)
-    out = [
-        np.asarray(compiled.score(params, _on_mesh(compiled.prepare(fields, idx, config.bucket), mesh)))[:k]
-        for idx, k in _chunks(fields["tokens"].shape[0], _eval_chunk(config, mesh))
-    ]
+    out = []
+    for idx, k in _chunks(fields["tokens"].shape[0], _eval_chunk(config, mesh)):
+        out.append(np.asarray(compiled.score(params, _on_mesh(compiled.prepare(fields, idx, config.bucket), mesh)))[:k])
+        if bar is not None:
+            bar.update(k)
     return np.concatenate(out).astype(np.float64)
 
 
@@ -823,6 +844,7 @@ def evaluate(
     ref_cache: Mapping[str, np.ndarray | None],
     config: TrainConfig,
     mesh: Any = None,
+    bar: Any = None,
 ) -> dict[str, float]:
     """Scores every sequence set of `suite` and returns `evaluate_rewards`' metrics.
 
@@ -834,9 +856,11 @@ def evaluate(
       ref_cache: ln π_ref of each set's rows (IM-RM), else None.
       config: the run's options (chunk size, bucket, tie tolerance).
       mesh: the device mesh the parameters are placed on (`train`'s), else None; each chunk is split over it.
+      bar: a tqdm bar advanced by the rows of each scored chunk, or None.
     """
     rewards = {
-        name: _score_set(compiled, params, fields[name], ref_cache.get(name), config, mesh) for name in suite.sequences
+        name: _score_set(compiled, params, fields[name], ref_cache.get(name), config, mesh, bar)
+        for name in suite.sequences
     }
     return evaluate_rewards(rewards, suite, config.tie_tol)
 
@@ -1007,12 +1031,30 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, np.ndarray], dict[str, Any
     latest = run_dir / "checkpoints" / "latest.json"
     if not latest.exists():
         return None
-    name = json.loads(latest.read_text())["checkpoint"]
+    hint = "the checkpoint is damaged: delete the run directory's checkpoints/ to start over, or use another run_dir"
+    try:
+        name = json.loads(latest.read_text())["checkpoint"]
+        if not isinstance(name, str) or not re.fullmatch(r"step_\d{8}", name):
+            raise ValueError(f"'checkpoint' is {name!r}, not step_XXXXXXXX")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{latest}: cannot read the latest checkpoint's name ({err}); {hint}") from err
     folder = run_dir / "checkpoints" / name
-    meta = json.loads((folder / "meta.json").read_text())
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{folder / 'meta.json'}: unreadable checkpoint metadata ({err}); {hint}") from err
     if meta.get("format") != _CHECKPOINT_FORMAT:
         raise ConfigError(f"{folder}: checkpoint format {meta.get('format')} is not {_CHECKPOINT_FORMAT}")
-    return load_file(str(folder / "state.safetensors")), meta
+    missing = [k for k in ("step", "epoch", "step_in_epoch", "last_eval_step", "log_lines") if k not in meta]
+    if missing:
+        raise ConfigError(f"{folder / 'meta.json'}: checkpoint metadata lacks {missing}; {hint}")
+    try:
+        arrays = load_file(str(folder / "state.safetensors"))
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError for a missing file)
+        raise ConfigError(f"{folder / 'state.safetensors'}: unreadable checkpoint state ({err}); {hint}") from err
+    return arrays, meta
 
 
 def _truncate_log(path: Path, n_lines: int) -> list[dict[str, Any]]:
@@ -1057,6 +1099,8 @@ def _check_resume(run_dir: Path, record: Mapping[str, Any]) -> None:
     for section in ("model", "mask", "data", "reward_model"):
         if _jsonable(saved.get(section)) != _jsonable(record.get(section)):
             diffs.append(section)
+    if "initial_params_sha256" in saved and saved["initial_params_sha256"] != record["initial_params_sha256"]:
+        diffs.append("initial_params_sha256 (the initial weights or EX-RM head)")
     old, new = saved.get("train", {}), record["train"]
     diffs += [
         f"train.{k}" for k in sorted(set(old) | set(new)) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
@@ -1064,6 +1108,53 @@ def _check_resume(run_dir: Path, record: Mapping[str, Any]) -> None:
     if diffs:
         raise ConfigError(
             f"{run_dir}: cannot resume: {', '.join(diffs)} differ from the run's config.json (only "
+            f"{', '.join(RESUMABLE_CHANGES)} may change); use another output directory"
+        )
+
+
+# the sections of config.json a checkpoint records a fingerprint of (meta.json "record"), checked on resume
+_FINGERPRINTED = ("model", "mask", "data", "reward_model", "initial_params_sha256")
+
+
+def _record_fingerprint(record: Mapping[str, Any]) -> dict[str, str]:
+    """sha256 (16 hex digits) of each `_FINGERPRINTED` section of the run's record."""
+    out = {}
+    for key in _FINGERPRINTED:
+        text = json.dumps(_jsonable(record.get(key)), sort_keys=True, default=str)
+        out[key] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return out
+
+
+def _check_checkpoint_config(
+    meta: Mapping[str, Any], config: TrainConfig, record: Mapping[str, Any], where: str
+) -> None:
+    """The checkpoint's own record must agree with this run: its TrainConfig (RESUMABLE_CHANGES aside) and the
+    fingerprints of the model, mask, data, reward model and initial parameters (checkpoints that have them).
+
+    config.json is checked first (`_check_resume`); this catches a checkpoint that does not belong to the run
+    directory's config.json (copied from another run, or config.json missing).
+    """
+    fingerprint = meta.get("record")
+    if isinstance(fingerprint, Mapping):
+        ours = _record_fingerprint(record)
+        sections = [k for k in _FINGERPRINTED if k in fingerprint and fingerprint[k] != ours[k]]
+        if sections:
+            raise ConfigError(
+                f"{where}: cannot resume: the checkpoint belongs to a run with another {', '.join(sections)}; use "
+                "another output directory"
+            )
+    saved = meta.get("config")
+    if not isinstance(saved, Mapping):
+        raise ConfigError(f"{where}: the checkpoint's meta.json has no config: cannot tell whether it is this run's")
+    new = config.to_dict()
+    diffs = [
+        f"train.{k}"
+        for k in sorted(set(saved) | set(new))
+        if k not in RESUMABLE_CHANGES and _jsonable(saved.get(k)) != _jsonable(new.get(k))
+    ]
+    if diffs:
+        raise ConfigError(
+            f"{where}: cannot resume: the checkpoint was written with other options ({', '.join(diffs)}; only "
             f"{', '.join(RESUMABLE_CHANGES)} may change); use another output directory"
         )
 
@@ -1225,6 +1316,7 @@ def train(
         if loaded is not None:
             arrays, meta = loaded
             where = f"{run_path}/checkpoints/step_{meta['step']:08d}"
+            _check_checkpoint_config(meta, config, record, where)
             restored = _unflat({"params": train_tree, "opt_state": opt_state}, arrays, where)
             train_tree, opt_state = place(restored["params"]), place(restored["opt_state"])
             step, epoch, step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
@@ -1239,15 +1331,26 @@ def train(
 
     t_pre = time.perf_counter()
     if start > 0:  # blocks below `start` never change: run them once per row
-        for f in [*data.values(), *eval_fields.values()]:
-            _add_lower_cache(compiled, frozen["lm"], f, _eval_chunk(config, mesh), config.bucket, mesh)
+        sets = [*data.values(), *eval_fields.values()]
+        bar = _stage_bar(progress, f"caching frozen blocks 0-{start - 1}", sum(f["tokens"].shape[0] for f in sets))
+        for f in sets:
+            _add_lower_cache(compiled, frozen["lm"], f, _eval_chunk(config, mesh), config.bucket, mesh, bar)
+        bar.close()
     ref_train: dict[str, np.ndarray | None] = {"chosen": None, "rejected": None}
     ref_eval: dict[str, np.ndarray | None] = {}
     if isinstance(rm, ImplicitRM):
         # on a mesh π_ref is placed as π_θ is, so that both go through the same program (r = 0 at the start)
         ref_on = place(ref_params) if ref_params is not None else None
-        ref_train = {side: _logprobs(compiled, ref_on, f, config, mesh).astype(np.float32) for side, f in data.items()}
-        ref_eval = {name: _logprobs(compiled, ref_on, f, config, mesh) for name, f in eval_fields.items()}
+        # the training step subtracts the cache from log-probs it computes in this dtype (float32, or float64 in
+        # a float64 run): a float32 cache would round ln π_ref by ~1e-6 nats in a float64 run
+        lp_dtype = np.dtype(jnp.promote_types(params["lm"]["final_norm"]["scale"].dtype, jnp.float32))
+        n_ref = sum(f["tokens"].shape[0] for f in [*data.values(), *eval_fields.values()])
+        bar = _stage_bar(progress, "reference log-probs ln π_ref", n_ref)
+        ref_train = {
+            side: _logprobs(compiled, ref_on, f, config, mesh, bar).astype(lp_dtype) for side, f in data.items()
+        }
+        ref_eval = {name: _logprobs(compiled, ref_on, f, config, mesh, bar) for name, f in eval_fields.items()}
+        bar.close()
         del ref_on
     t_pre = time.perf_counter() - t_pre
 
@@ -1271,6 +1374,7 @@ def train(
             "rng": {"kind": "numpy PCG64(SeedSequence([seed, epoch]))", "seed": config.seed, "epoch": epoch},
             "data_order": epoch_order(config.seed, epoch, n).tolist(),
             "config": config.to_dict(),
+            "record": _record_fingerprint(record),
         }
         save_checkpoint(run_path, {"params": train_tree, "opt_state": opt_state}, meta, config.keep_checkpoints)
         last_ckpt_step = step
@@ -1311,7 +1415,11 @@ def train(
             evaluation = None
             if suite.comparisons and eval_due() and last_eval_step != step:
                 t0 = time.perf_counter()
-                evaluation = evaluate(compiled, full_params(), suite, eval_fields, ref_eval, config, mesh)
+                n_eval = sum(f["tokens"].shape[0] for f in eval_fields.values())
+                desc = "initial evaluation" if step == 0 else f"evaluation at step {step}"
+                eval_bar = _stage_bar(progress, desc, n_eval, leave=False)
+                evaluation = evaluate(compiled, full_params(), suite, eval_fields, ref_eval, config, mesh, eval_bar)
+                eval_bar.close()
                 t_eval += time.perf_counter() - t0
                 with _deferred_interrupt():  # the log line and the state that records it change together
                     epochs_done = _epochs_done(step, epoch, step_in_epoch, steps_per_epoch)
@@ -1391,6 +1499,14 @@ def train(
     if run_path is not None:
         atomic_write_json(run_path / "summary.json", result.to_dict())
     return result
+
+
+def _stage_bar(progress: bool, desc: str, total: int, leave: bool = True) -> Any:
+    """A tqdm bar on stderr over the sequences of a stage before or between training steps (disabled without
+    `progress`): caching the frozen blocks, π_ref's log-probs, an evaluation."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="seq", disable=not progress, leave=leave)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from conftest import require
 
 import experiments
 from dynamics.datasets import (
@@ -128,7 +129,7 @@ def test_persona_split_sizes_and_determinism():
 
 
 def test_torch_compatible_split_is_the_official_codes():
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     rows = load_persona(bundled_data_path("agreeableness"))
     train, test = persona_split(rows, rng="torch")
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(875)).tolist()

@@ -200,6 +200,41 @@ def test_im_rewards_at_initialisation_are_exact_ties():
     unseen = _pairs(rng, 5, 10, 3)
     rm = ImplicitRM(lm, beta=0.5)
     res = delta_reward(rm, rm.init(params), train, unseen, params_spec="all", lr=0.1)
-    assert np.all(res.reward_before == 0.0)
-    assert np.all(res.bt_weight == 0.5)
-    assert np.abs(res.delta).max() > 0
+    # exact by design (structural: π_θ and π_ref are the same arrays) ...
+    assert np.all(res.reward_before == 0.0) and np.all(res.bt_weight == 0.5)
+    # ... and the right values: β (ln π_θ − ln π_ref) and σ(r− − r+) computed independently, in float64, from a
+    # separate copy of the weights (no shortcut applies), agree to float32 rounding
+    from jax.flatten_util import ravel_pytree
+
+    from dynamics.delta import strip
+    from dynamics.rewards import response_logprob
+
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        p64 = cast_params(params, jnp.float64)
+        ref64 = jax.tree.map(lambda a: jnp.array(a, copy=True), p64)
+
+        @jax.jit
+        def r64(p, q, batch):
+            return 0.5 * (response_logprob(lm, p, batch) - response_logprob(lm, q, batch))
+
+        before = np.asarray(r64(p64, ref64, strip(unseen)))
+        r_plus, r_minus = (np.asarray(r64(p64, ref64, strip(b))) for b in (train.chosen, train.rejected))
+        g = 1 / (1 + np.exp(-(r_minus - r_plus)))
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+    np.testing.assert_allclose(res.reward_before, before, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(res.bt_weight, g, rtol=0, atol=1e-6)
+    # Δr = η g ⟨∇r(u), ∇r(y+) − ∇r(y−)⟩ from materialized gradients of β ln π (π_ref is constant)
+    flat, unravel = ravel_pytree(params)
+
+    def rewards(theta, batch):
+        return 0.5 * response_logprob(lm, unravel(theta), batch)
+
+    chosen, rejected, unseen_ = strip(train.chosen), strip(train.rejected), strip(unseen)
+    direction = jax.jit(jax.grad(lambda t: rewards(t, chosen)[0] - rewards(t, rejected)[0]))(flat)
+    _, along = jax.jit(lambda t, d: jax.jvp(lambda x: rewards(x, unseen_), (t,), (d,)))(flat, direction)  # ⟨∇r(u), d⟩
+    expected = 0.1 * 0.5 * np.asarray(along, np.float64)
+    assert np.abs(expected).max() > 1e-4
+    np.testing.assert_allclose(res.delta, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max())

@@ -74,11 +74,31 @@ def test_rho_figure_accepts_result_and_dict(tmp_path):
     png, js = rho_figure(result, tmp_path / "rho.png")
     assert png.stat().st_size > 10_000
     data = json.loads(js.read_text())
-    np.testing.assert_allclose(data["chosen"]["product"], result.chosen.product)
-    assert data["figure"]["sums"]["rejected"]["product"] == pytest.approx(result.rejected.kernel_sum)
-    assert data["delta_reward_closed_form"] == pytest.approx(result.delta_reward)
-    png2, _ = rho_figure(json.loads(json.dumps(result.to_dict())), tmp_path / "again.png")
+    # against values computed here from the panels' raw inputs (the four terms and ⟨h, h'⟩), not from the
+    # result's own properties: ρ = 1[·] − cross_train − cross_unseen + inner, product = ⟨h, h'⟩ ρ, sums of both,
+    # and Δr = η g β² (ΣΣ product(y+) − ΣΣ product(y−)) (paper-spec Eq. (5))
+    expected = {}
+    for side in ("chosen", "rejected"):
+        panel = getattr(result, side)
+        t = panel.terms
+        rho = t["indicator"] - t["cross_train"] - t["cross_unseen"] + t["inner"]
+        product = panel.hidden_similarity * rho
+        np.testing.assert_allclose(data[side]["rho"], rho, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(data[side]["product"], product, rtol=1e-12, atol=1e-15)
+        sums = data["figure"]["sums"][side]
+        assert sums["product"] == pytest.approx(product.sum(), rel=1e-12)
+        assert sums["rho"] == pytest.approx(rho.sum(), rel=1e-12)
+        assert sums["hidden_similarity"] == pytest.approx(panel.hidden_similarity.sum(), rel=1e-12)
+        expected[side] = product.sum()
+    delta = 1e-3 * 0.5 * 0.01**2 * (expected["chosen"] - expected["rejected"])
+    assert abs(delta) > 1e-9
+    assert data["delta_reward_closed_form"] == pytest.approx(delta, rel=1e-12)
+    # the figure drawn from the result's JSON (as `rmdyn rho` saves it) writes the same numbers
+    png2, js2 = rho_figure(json.loads(json.dumps(result.to_dict())), tmp_path / "again.png")
     assert png2.is_file()
+    again = json.loads(js2.read_text())
+    assert again["figure"]["sums"] == data["figure"]["sums"]
+    assert again["delta_reward_closed_form"] == data["delta_reward_closed_form"]
     assert readable_token(" yes\n") == "␣yes\\n"
     bad = result.to_dict()
     bad["chosen"]["rho"] = [[0.0]]
@@ -123,7 +143,7 @@ def _jsonl(path, rows):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["delta", "--params", "bogus"], "unknown --params 'bogus'"),
+        (["delta", "--params", "bogus"], "--params: unknown parameter selection 'bogus'"),
         (["delta", "--params", "head"], "the IM-RM has no head"),
         (["delta", "--params", "unembed", "--reward", "ex"], "does not read the unembedding"),
         (["delta", "--method", "closed_form", "--params", "all"], "covers Assumption 1 only"),
@@ -139,7 +159,7 @@ def _jsonl(path, rows):
         (["rho", "--beta", "-1"], "--beta must be a finite number > 0"),
         (["check-step", "--lrs", "1e-3,-1"], "every value of --lrs must be a finite number > 0"),
         (["check-step", "--lrs", "1e-3,abc"], "--lrs must be a comma-separated list"),
-        (["check-step", "--params", "last:x"], "unknown --params 'last:x'"),
+        (["check-step", "--params", "last:x"], "--params: parameter selection 'last:x': K in last:K must be"),
         (["demo", "--lr", "0"], "--lr must be a finite number > 0"),
         (["bench", "delta", "--pairs", "0", "--tiny"], "must be ≥ 1"),
     ],
@@ -175,7 +195,7 @@ def test_params_defaults_and_reward_kinds():
     assert resolve_params("re:layers_1/", ["im"]) == "re:layers_1/"
     from dynamics.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="not a regular expression"):
+    with pytest.raises(ConfigError, match=r"--params: .*'re:\('.*not a valid regular expression"):
         resolve_params("re:(", ["im"])
 
 

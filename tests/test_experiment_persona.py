@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require
 
 from dynamics.errors import ConfigError, DataError
 from experiments.config import load_plan
@@ -22,7 +23,7 @@ def test_plan_presets_and_overrides():
     custom = load_plan("persona", "cpu", ["lr=1e-4", "epochs=2", "reward=ex", "truncate=true", "words_yes=ok,fine"])
     assert custom.values["lr"] == 1e-4 and custom.values["epochs"] == 2 and custom.values["truncate"] is True
     assert custom.values["words_yes"] == ["ok", "fine"]
-    assert [r.name for r in custom.runs()] == ["run"] and custom.runs()[0].values["reward"] == "ex"
+    assert [r.name for r in custom.runs()] == ["reward=ex"] and custom.runs()[0].values["reward"] == "ex"
     axis = load_plan("persona", "cpu", ['options.reward=["im", "im-noref", "ex"]'])
     assert [r.values["reward"] for r in axis.runs()] == ["im", "im-noref", "ex"]
 
@@ -60,7 +61,7 @@ def test_a_typo_in_a_plan_names_the_file(tmp_path):
 
 def test_persona_texts_reproduce_the_official_draws():
     """split_rng="torch": torch.randperm, then per row randint for yes prefix, yes word, no prefix, no word."""
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     from dynamics.datasets import bundled_data_path, load_persona, persona_split
     from experiments.persona import persona_texts
 

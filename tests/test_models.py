@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require
 
-torch = pytest.importorskip("torch", reason="the parity tests need the PyTorch reference (pip install -e '.[test]')")
-transformers = pytest.importorskip("transformers")
+torch = require("torch", reason="the parity tests need the PyTorch reference (pip install -e '.[test]')")
+transformers = require("transformers")
 
 from dynamics.errors import ModelError  # noqa: E402
 from dynamics.models import (  # noqa: E402
@@ -152,6 +153,16 @@ def test_safetensors_directory_roundtrip(family, tmp_path):
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(leaves_a, leaves_b, strict=True))
     lm2, params2 = load_model(str(tmp_path))
     assert lm2.config == config
+    # load_model's parameters are the state-dict mapping's, leaf for leaf, and give transformers' logits
+    assert jax.tree.structure(params2) == jax.tree.structure(ref_params)
+    for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    tokens, mask = _batch("right")
+    ours = np.asarray(lm2.logits(params2, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)))
+    ref = _reference_logits(model, tokens, mask)
+    real = mask.astype(bool)
+    assert np.abs(ours - ref)[real].max() <= 1e-4 and np.ptp(ref[real]) > 0.5
+    assert lm.config.replace(name=config.name) == config  # the state-dict mapping's config, but for its name
 
 
 def test_padding_side_and_amount_do_not_change_hidden_states():

@@ -14,6 +14,7 @@ import unicodedata
 import gguf
 import numpy as np
 import pytest
+from conftest import require
 from tokenizers import Tokenizer as Backend
 from tokenizers import pre_tokenizers
 
@@ -54,7 +55,7 @@ def ours():
 
 @pytest.fixture(scope="module")
 def hf():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(GGUF_DIR), gguf_file=GGUF_NAME)
 
 

@@ -107,6 +107,17 @@ def evals(result):
     return [h for h in result.history if h["event"] == "eval"]
 
 
+def max_moved(initial_lm_params, result) -> float:
+    """max |θ_final − θ_initial| over the decoder leaves the result shares with the initial parameters (the EX-RM
+    head, and an lm_head that untying adds, have no initial counterpart here)."""
+    start = dict(jax.tree_util.tree_flatten_with_path(initial_lm_params)[0])
+    moved = 0.0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(result.params["lm"])[0]:
+        if path in start:
+            moved = max(moved, float(np.max(np.abs(np.asarray(leaf) - np.asarray(start[path])))))
+    return moved
+
+
 # --------------------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------------------
@@ -282,6 +293,13 @@ def test_accumulated_step_equals_the_full_batch_step(tiny, kind):
         np.testing.assert_allclose(np.asarray(c), np.asarray(b), rtol=1e-5, atol=1e-7, err_msg=str(path[0]))
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6, err_msg=str(path[0]))
     assert full.history[0]["loss"] == pytest.approx(accumulated.history[0]["loss"], rel=1e-6)
+    # the step moved the trainable leaves by far more than the comparison's tolerance (atol 1e-6 + rtol 1e-4·|θ|)
+    initial = partition({k: v for k, v in p.items() if k != "ref"}, mask)[0]
+    ratios = [
+        float(np.max(np.abs(np.asarray(b) - np.asarray(a)) / (1e-6 + 1e-4 * np.abs(np.asarray(a)))))
+        for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(partition(full.params, mask)[0]), strict=True)
+    ]
+    assert max(ratios) > 100, ratios
 
 
 @pytest.mark.parametrize(
@@ -362,6 +380,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny, tmp_path, kind, at, ev
     assert summary["final_eval"] == json.loads((tmp_path / "whole/summary.json").read_text())["final_eval"]
     for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert max_moved(tiny[1], whole) > 1e-3  # bitwise equal, and not because neither run moved
     config = json.loads((tmp_path / "cut/config.json").read_text())
     assert {"train", "model", "mask", "data", "reward_model", "initial_params_sha256", "versions"} <= set(config)
     meta = json.loads((tmp_path / "cut/checkpoints" / latest_name(tmp_path / "cut") / "meta.json").read_text())
@@ -419,6 +438,7 @@ def test_sigkilled_run_resumes_to_the_same_result(tiny, tmp_path):
     assert read_log(tmp_path / "cut") == read_log(tmp_path / "whole")
     for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert max_moved(tiny[1], whole) > 1e-3  # bitwise equal, and not because neither run moved
 
 
 # --------------------------------------------------------------------------------------------------------
