@@ -21,12 +21,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from dynamics.defaults import DEFAULT_BETA, HEAD_INIT_STD
 from dynamics.errors import ConfigError
 from dynamics.models import LM, Params
 from dynamics.text import ExgrmBatch, PairBatch, last_token_index
-
-DEFAULT_BETA = 0.01
-HEAD_INIT_STD = 0.02  # transformers' initializer_range for the `score` head of a sequence classifier
 
 
 def _arrays(batch) -> tuple[Array, Array]:

@@ -69,8 +69,6 @@ from dynamics.metrics import PreferenceMetrics, preference_metrics
 from dynamics.models import LM, Params
 from dynamics.packing import pack_pairs, packed_attention_mask, worth_packing
 from dynamics.rewards import (
-    DEFAULT_BETA,
-    HEAD_INIT_STD,
     ExplicitRM,
     GenerativeRM,
     ImplicitRM,
@@ -78,6 +76,7 @@ from dynamics.rewards import (
     make_reward_model,
 )
 from dynamics.text import ExgrmBatch, PairBatch, PreferenceBatch, last_token_index
+from dynamics.train_config import REWARD_KINDS, TrainConfig
 
 __all__ = [
     "RESUMABLE_CHANGES",
@@ -107,9 +106,6 @@ __all__ = [
     "upper_hidden",
 ]
 
-REWARD_KINDS = ("ex", "ex-mean", "im", "im-noref", "exgrm")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-PARAM_SHARDINGS = ("replicate", "fsdp")
 _CHECKPOINT_FORMAT = 1
 # TrainConfig fields that may change when a run is resumed: they do not change the trajectory before the end, or
 # (param_sharding, like the device count) only where the arrays live, which changes nothing but float rounding.
@@ -129,159 +125,6 @@ CPU_PASS_POSITIONS = 1024
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Every option of a training run (paper-spec §6, common training protocol, for the defaults).
-
-    Attributes:
-      reward: "ex" (EX-RM, last token), "ex-mean" (EX-RM, mean over response positions, §6.4), "im" (IM-RM),
-        "im-noref" (IM-RM without π_ref, §6.4) or "exgrm" (EX-GRM, cross-entropy, §6.5).
-      beta: β of the IM-RM (> 0).
-      params: trainable-parameter spec of `dynamics.masks` (head | unembed | output | last:K | all | re:PATTERN).
-      optimizer: "adam" (the paper's AdamW with weight decay 0), "adamw" or "sgd".
-      lr: learning rate (constant).
-      b1: Adam β1.
-      b2: Adam β2.
-      eps: Adam ε (added to the square root of the second moment, as torch does).
-      weight_decay: decoupled weight decay of "adamw" (0 for the paper).
-      epochs: number of passes over the training data.
-      batch_size: effective batch (rows per optimizer step); the loss is the mean over its rows.
-      micro_batch_size: rows per forward/backward pass; must divide batch_size (accumulation steps =
-        batch_size / micro_batch_size).
-      max_steps: stop after this many optimizer steps (0: no limit).
-      seed: seed of the data order; epoch e's order is `epoch_order(seed, e, n)`.
-      head_seed: seed of the EX-RM head's initialization u ~ N(0, head_init_std²).
-      head_init_std: standard deviation of the EX-RM head at initialization (0.02, transformers' default).
-      bucket: sequence lengths are padded up to a multiple of this (shape buckets against recompilation).
-      eval_every_steps: also evaluate every this many steps (0: never by step count).
-      eval_every_epochs: evaluate at the end of every this many epochs (0: never by epoch); the last step is
-        always evaluated.
-      eval_at_start: evaluate before the first step (step 0).
-      eval_batch_size: sequences per forward pass when scoring evaluation sets and reference log-probs.
-      log_every_steps: write a "train" line to metrics.jsonl every this many steps.
-      checkpoint_every_steps: save a checkpoint every this many steps (0: at every epoch end); a checkpoint is
-        also saved at the end and when interrupted by Ctrl-C.
-      keep_checkpoints: how many checkpoints to keep (the newest).
-      tie_tol: a pair is a tie when |r+ − r−| ≤ tie_tol (recorded with every metric).
-      cache_frozen_blocks: when the input embedding and the blocks below some index are all frozen (e.g.
-        `last:K`), run those blocks once per sequence and cache their output (a pure speed-up: the upper
-        blocks then run on the cached residual stream).
-      cache_max_gb: the cache is skipped when it would exceed this many GiB (rows × T × D floats).
-      param_sharding: with a device mesh (`train(..., mesh=...)`): "replicate" the parameters and the optimizer
-        state on every device (data parallelism) or split each matrix over the devices ("fsdp", each device
-        holds about 1/n of them; `dynamics.sharding`). Without a mesh it has no effect.
-      pack_pairs: run each training pair's chosen and rejected sequences as one packed row that holds their
-        common prefix (the prompt) once (`dynamics.packing`), in micro-batches where that cuts the positions by
-        at least 10 %. The same function: only the order of float sums changes.
-      pass_positions: the most positions (rows × bucketed length, a packed row counted once) one forward /
-        backward pass may hold: a larger micro-batch runs as several passes of near-equal size whose gradients
-        are summed (the same gradient; only the order of float sums changes, as with accumulation). None: the
-        engine chooses, `CPU_PASS_POSITIONS` (1024) on a CPU backend and no limit on an accelerator; 0: no
-        limit. On the 2-core CPU of this project a SmolLM2-135M IM-RM pass (all parameters, packed pairs of 192
-        positions) took 1.00–1.07 s per pair at 576–960 positions, 1.17 s at 1152, 1.20–1.36 s at 1536 and
-        1.36 s at 3072 (the activations of a smaller pass stay in the caches).
-    """
-
-    reward: str = "im"
-    beta: float = DEFAULT_BETA
-    params: str = "all"
-    optimizer: str = "adam"
-    lr: float = 1e-6
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    epochs: int = 1
-    batch_size: int = 32
-    micro_batch_size: int = 32
-    max_steps: int = 0
-    seed: int = 0
-    head_seed: int = 0
-    head_init_std: float = HEAD_INIT_STD
-    bucket: int = 16
-    eval_every_steps: int = 0
-    eval_every_epochs: int = 1
-    eval_at_start: bool = True
-    eval_batch_size: int = 32
-    log_every_steps: int = 1
-    checkpoint_every_steps: int = 0
-    keep_checkpoints: int = 1
-    tie_tol: float = 0.0
-    cache_frozen_blocks: bool = True
-    cache_max_gb: float = 4.0
-    param_sharding: str = "replicate"
-    pack_pairs: bool = True
-    pass_positions: int | None = None
-
-    def __post_init__(self):
-        if self.reward not in REWARD_KINDS:
-            raise ConfigError(f"reward must be one of {', '.join(REWARD_KINDS)}; got {self.reward!r}")
-        if self.param_sharding not in PARAM_SHARDINGS:
-            raise ConfigError(
-                f"param_sharding must be one of {', '.join(PARAM_SHARDINGS)}; got {self.param_sharding!r}"
-            )
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
-        positive = ("batch_size", "micro_batch_size", "bucket", "eval_batch_size", "log_every_steps")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive int, got {value!r}")
-        for name in (
-            "epochs",
-            "max_steps",
-            "seed",
-            "head_seed",
-            "eval_every_steps",
-            "eval_every_epochs",
-            "checkpoint_every_steps",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be an int >= 0, got {value!r}")
-        if self.pass_positions is not None and (
-            isinstance(self.pass_positions, bool) or not isinstance(self.pass_positions, int) or self.pass_positions < 0
-        ):
-            raise ConfigError(f"pass_positions must be None or an int >= 0, got {self.pass_positions!r}")
-        if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int):
-            raise ConfigError(f"keep_checkpoints must be an int >= 1, got {self.keep_checkpoints!r}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"keep_checkpoints must be an int >= 1, got {self.keep_checkpoints!r}")
-        if self.batch_size % self.micro_batch_size:
-            raise ConfigError(
-                f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size} "
-                "(effective batch = micro-batch × accumulation steps)"
-            )
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
-        if not self.beta > 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta!r}")
-        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps >= 0):
-            raise ConfigError(f"need 0 <= b1, b2 < 1 and eps >= 0; got b1={self.b1}, b2={self.b2}, eps={self.eps}")
-        if self.weight_decay < 0 or (self.weight_decay and self.optimizer != "adamw"):
-            raise ConfigError(f"weight_decay={self.weight_decay} needs optimizer='adamw' and a value >= 0")
-        if not self.tie_tol >= 0 or not self.head_init_std >= 0:
-            raise ConfigError("tie_tol and head_init_std must be >= 0")
-
-    @property
-    def accumulation_steps(self) -> int:
-        """Micro-batches per optimizer step."""
-        return self.batch_size // self.micro_batch_size
-
-    def to_dict(self) -> dict[str, Any]:
-        """Every field by name (JSON-ready)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        """The inverse of `to_dict`; an unknown key is a ConfigError naming the valid keys."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig keys {unknown}; valid keys: {', '.join(names)}")
-        return cls(**data)
 
 
 def make_optimizer(config: TrainConfig) -> Any:

@@ -69,7 +69,7 @@ MODEL_KEYS = ("model", "dtype", "max_length", "truncate", "bucket_pad")
 
 def train_config(values: Mapping[str, Any]) -> Any:
     """The `dynamics.train.TrainConfig` of a run: the plan keys that are TrainConfig fields (validated there)."""
-    from dynamics.train import TrainConfig
+    from dynamics.train_config import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in values.items() if k in names})
@@ -90,7 +90,7 @@ def validate_training_keys(experiment: str, values: Mapping[str, Any], own_keys:
       ConfigError: an unknown key (the message lists the valid ones), a missing key, a bad TrainConfig value or a
         bad device count.
     """
-    from dynamics.train import TrainConfig
+    from dynamics.train_config import TrainConfig
 
     known = set(own_keys) | set(MODEL_KEYS) | set(DEVICE_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)

@@ -58,6 +58,12 @@ CASES = {
         ["--out /proc/rmdyn-no-such/out: cannot create it: the parent directory /proc is not writable"],
     ),
     "theorem2 --out json is a dir": (["theorem2", "--out", "{tmp}/occupied"], ["theorem2.json is a directory"]),
+    # TrainConfig values given with --set: dynamics.train_config is pure Python
+    "experiment --set lr=-1": (["experiment", "persona", "--set", "lr=-1", "--out", "{tmp}/o"], ["lr must be > 0"]),
+    "experiment --set micro_batch_size": (
+        ["experiment", "persona", "--set", "micro_batch_size=3", "--out", "{tmp}/o"],
+        ["micro_batch_size=3 must divide batch_size=32"],
+    ),
     "experiment occupied": (["experiment", "persona", "--out", "{taken}"], ["already holds the runs ['reward=im']"]),
     # (b) --resume with nothing to resume
     "resume missing": (

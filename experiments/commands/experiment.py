@@ -102,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
             taken = [spec.name for spec in runs if (out / spec.name / "config.json").exists()]
             if taken:
                 raise ConfigError(f"{out} already holds the runs {taken}; pass --resume or choose another --out")
+    from experiments.config import train_config
+
+    for spec in runs:  # training values (pure Python) before the runner's imports (JAX): a bad --set fails at once
+        train_config(spec.values)
     runner = importlib.import_module(RUNNERS[plan.experiment])
     for spec in runs:  # every run's options and data are checked before anything trains
         runner.validate(spec.values)
