@@ -6,12 +6,14 @@ is one short micro-batch of 4 rows, which the mesh replicates) and IM-RM with `a
 rows). Prints one JSON line: the largest relative differences to the one-device run of the per-step losses,
 the evaluation metrics and the final trainable parameters, the bytes per device of the final parameters,
 whether the FSDP layout survived the (donated) updates, the donation warnings seen, and the error of a
-micro-batch of 12 rows on 8 devices.
+micro-batch of 12 rows on 8 devices; and a run interrupted after one step on the mesh (FSDP) and resumed there,
+against the uninterrupted one-device run.
 """
 
 import json
 import os
 import sys
+import tempfile
 import warnings
 
 assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "")
@@ -113,6 +115,31 @@ def main():
                 "devices": res.timing["devices"],
                 "packed_micro_batches": res.timing["packed_micro_batches"],
                 "passes": res.timing["passes"],
+            }
+        # interrupted after its first step on the mesh (FSDP), resumed on the mesh: ends where one device ends
+        with tempfile.TemporaryDirectory() as tmp:
+            config = TrainConfig(**base, param_sharding="fsdp", checkpoint_every_steps=1)
+
+            def stop_after_first_step(info):
+                if info.step == 1:
+                    raise KeyboardInterrupt
+
+            try:
+                train(config, lm, params, data, suite, progress=False, mesh=mesh, run_dir=tmp,
+                      callbacks=[stop_after_first_step])  # fmt: skip
+                out[f"{kind}-interrupted"] = False
+            except KeyboardInterrupt:
+                out[f"{kind}-interrupted"] = True
+            res = train(config, lm, params, data, suite, progress=False, mesh=mesh, run_dir=tmp, resume=True)
+            losses = [h["loss"] for h in res.history if h["event"] == "train"]
+            out[f"{kind}-resumed"] = {
+                "resumed_from_step": res.resumed_from_step,
+                "steps": res.steps,
+                "devices": res.timing["devices"],
+                "loss_rel_diff": rel(losses, ref_losses[len(ref_losses) - len(losses) :]),
+                "param_rel_diff": max(
+                    rel(a, b) for a, b in zip(trainable(res, config, lm, params), ref_params, strict=True)
+                ),
             }
         out[f"{kind}-steps"] = ref.steps
         out[f"{kind}-packed"] = ref.timing["packed_micro_batches"]

@@ -61,6 +61,11 @@ def test_sharded_training_matches_single_device(sharded_training):
     # fewer rows than devices) whole: the same passes, 5 per epoch for EX-RM and 4 for IM-RM
     assert out["ex-ref-passes"] == out["ex-passes"]["passes"] == 10, out
     assert out["im-ref-passes"] == out["im-passes"]["passes"] == 8, out
+    for kind in ("ex", "im"):  # resume on the mesh: FSDP parameters and Adam state back from the checkpoint
+        resumed = out[f"{kind}-resumed"]
+        assert out[f"{kind}-interrupted"] and resumed["resumed_from_step"] == 1, (kind, resumed)
+        assert resumed["steps"] == out[f"{kind}-steps"] and resumed["devices"] == 8, (kind, resumed)
+        assert resumed["loss_rel_diff"] <= 1e-10 and resumed["param_rel_diff"] <= 1e-10, (kind, resumed)
     for kind in ("ex", "im"):
         replicated, fsdp = out[f"{kind}-replicate"], out[f"{kind}-fsdp"]
         assert replicated["bytes_max_device"] == replicated["total_bytes"]
