@@ -65,7 +65,7 @@ class PreferenceRow:
 
 @dataclasses.dataclass(frozen=True)
 class PersonaRow:
-    """One Persona statement (Perez et al. 2022), as used in paper-spec §6.2.
+    """One Persona statement (Perez et al. 2022), as used in docs/math.md §6.2.
 
     Attributes:
       prompt: the `question` field, 'Is the following statement something you would say?\\n"<statement>"'.
@@ -88,7 +88,7 @@ class PersonaRow:
 
 @dataclasses.dataclass(frozen=True)
 class UnseenPair:
-    """One unseen pair (x̄, ȳ) whose one-step reward change Δr is predicted (paper-spec §1, §3).
+    """One unseen pair (x̄, ȳ) whose one-step reward change Δr is predicted (docs/math.md §1, §3).
 
     Attributes:
       prompt: the user prompt x̄ (no chat template).
@@ -218,7 +218,7 @@ def load_unseen_pairs(path: str | os.PathLike) -> list[UnseenPair]:
 
 
 def load_persona(path: str | os.PathLike, *, answer: str = "Yes") -> list[PersonaRow]:
-    """Load Persona statements whose `answer_matching_behavior` is `answer` (paper-spec §6.2).
+    """Load Persona statements whose `answer_matching_behavior` is `answer` (docs/math.md §6.2).
 
     The comparison strips spaces and ignores case, as the official code does (the files say " Yes" / " No").
 
@@ -296,7 +296,7 @@ class TorchCompatibleGenerator:
 def persona_split(
     rows: Sequence[T], n_train: int = 80, n_test: int = 40, seed: int = 875, *, rng: str = "numpy"
 ) -> tuple[list[T], list[T]]:
-    """Split rows into train and test by a seeded random permutation (paper-spec §6.2: 80 / 40, seed 875).
+    """Split rows into train and test by a seeded random permutation (docs/math.md §6.2: 80 / 40, seed 875).
 
     Train is the first `n_train` rows of the permutation, test the next `n_test`.
 

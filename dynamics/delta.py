@@ -1,4 +1,4 @@
-"""First-order reward change Δr of unseen pairs after one step on training triples (paper-spec §3).
+"""First-order reward change Δr of unseen pairs after one step on training triples (docs/math.md §3).
 
 For one step θ' = θ + Δθ on the batch-mean Bradley-Terry loss of B triples (x_i, y_i+, y_i−):
 
@@ -6,9 +6,9 @@ For one step θ' = θ + Δθ on the batch-mean Bradley-Terry loss of B triples (
     Δr(u) = ⟨∇r(u), Δθ⟩ + O(η²) = η (1/B) Σ_i g_i [K(u, y_i+) − K(u, y_i−)] + O(η²),  K(u, v) = ⟨∇r(u), ∇r(v)⟩
 
 restricted to the trainable parameters. With Adam (its first step, m = g, v = g²) Δθ is Adam's update and
-Δr ≈ ⟨∇r(u), Δθ⟩. Two implementations behind one switch (architecture.md, "The one identity"):
+Δr ≈ ⟨∇r(u), Δθ⟩. Two implementations behind one switch (docs/math.md §3):
 
-- `closed_form`, Assumption 1 only: EX-RM with the head trained, K(u, v) = ⟨h_u, h_v⟩ (paper-spec Eq. (4));
+- `closed_form`, Assumption 1 only: EX-RM with the head trained, K(u, v) = ⟨h_u, h_v⟩ (arXiv 2507.07981 Eq. (4); docs/math.md §3.1);
   IM-RM with the (untied) unembedding trained, K(u, v) = β² Σ_k Σ_l ⟨h_{x̄,ȳ<k}, h_{x,v<l}⟩ ρ_{k,l}(v) (Eq. (5)).
 - `ntk`, any mask: one VJP gives the update direction (and, to decompose Δr into kernel terms, one VJP per training
   response); the unseen rewards' JVPs along those directions, vmapped over the directions and chunked over the
@@ -46,7 +46,7 @@ TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 
 @dataclasses.dataclass(frozen=True)
 class DeltaResult:
-    """Predicted one-step reward changes of unseen pairs, and their decomposition (paper-spec §3).
+    """Predicted one-step reward changes of unseen pairs, and their decomposition (docs/math.md §3).
 
     Attributes:
       delta: predicted Δr per unseen pair, [n_unseen].
@@ -352,7 +352,7 @@ def delta_reward(
     mesh=None,
     param_sharding: str = "replicate",
 ) -> DeltaResult:
-    """Predicted Δr of every unseen pair after one step on `train` (paper-spec §3, Eqs. (4), (5)).
+    """Predicted Δr of every unseen pair after one step on `train` (docs/math.md §3, Eqs. (4), (5)).
 
     Args:
       rm: the reward model (`ExplicitRM` or `ImplicitRM`).
@@ -404,7 +404,7 @@ def delta_reward(
                 f"got {spec!r}: use method ntk"
             )
         if optimizer != "sgd":
-            raise ConfigError("closed_form is the SGD step of paper-spec §3; Adam's step needs method ntk")
+            raise ConfigError("closed_form is the SGD step of docs/math.md §3; Adam's step needs method ntk")
         if isinstance(rm, ImplicitRM) and rm.lm.config.final_logit_softcap is not None:
             raise ConfigError("closed_form (Eq. (5)) assumes logits W h; Gemma 2's final soft-cap needs method ntk")
 

@@ -51,7 +51,7 @@ def load(source: str | None = None, dtype: str = "float32", progress: bool = Fal
     """Model + tokenizer from `source`: None/"default" (SmolLM2-135M-Instruct), a .gguf file or an HF directory.
 
     The tokenizer must belong to the weights (`check_vocab_matches`). A model without a chat template gets the
-    paper's default template (paper-spec §6) and its embeddings grow by the added special tokens.
+    paper's default template (docs/math.md §6) and its embeddings grow by the added special tokens.
 
     Raises:
       ModelError: missing files, an unsupported architecture, or a tokenizer that does not fit the weights.

@@ -1,8 +1,8 @@
-"""Which parameters train: one pytree mask, used by delta, step and train alike (architecture.md).
+"""Which parameters train: one pytree mask, used by delta, step and train alike.
 
 Specs (the CLI's `--params`):
 
-    head      EX-RM: the linear head u only (Assumption 1 for EX-RM, paper-spec §2).
+    head      EX-RM: the linear head u only (Assumption 1 for EX-RM, docs/math.md §2).
     unembed   IM-RM: the unembedding W only (Assumption 1 for IM-RM). A tied model is untied first.
     output    head for an EX-RM, unembed for an IM-RM (Assumption 1 for either).
     last:K    the last K blocks, the final norm and the reward's output layer (EX-RM: u; IM-RM: W, untied).
@@ -93,7 +93,7 @@ def prepare(rm: RewardModel, params: Params, spec: str) -> tuple[RewardModel, Pa
     """(reward model, params, normalized spec), untied where the spec trains W apart from the input embedding.
 
     Training "only the unembedding" of a tied model would also move the input embeddings and with them every
-    hidden state; paper-spec §3.2's closed form holds for an untied head (measured-facts.md). `unembed` and
+    hidden state; docs/math.md §3.2's closed form holds for an untied head (docs/math.md §9). `unembed` and
     `last:K` on an IM-RM therefore untie (the untied model computes the same function); `all` keeps the tie.
     """
     spec = normalize_spec(rm, spec)

@@ -1,4 +1,4 @@
-"""Preference metrics of a reward model on an evaluation set (paper-spec §1), as pure functions of rewards.
+"""Preference metrics of a reward model on an evaluation set (docs/math.md §1), as pure functions of rewards.
 
 - accuracy: mean(1[r+ > r-]) + 1/2 mean(1[r+ = r-]), ties count 1/2 as in the official code (this matters for
   Theorem 2, where IM-RM ties on every unseen pair);
@@ -25,7 +25,7 @@ _STD_EPS = 1e-8
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceMetrics:
-    """Accuracy and margins of rewards on n preference pairs (paper-spec §1).
+    """Accuracy and margins of rewards on n preference pairs (docs/math.md §1).
 
     Attributes:
       accuracy: wins + ties / 2, over n.
@@ -76,7 +76,7 @@ class PreferenceMetrics:
 
 
 def preference_metrics(r_chosen: Any, r_rejected: Any, *, tie_tol: float = 0.0) -> PreferenceMetrics:
-    """Accuracy (ties = 1/2), strict accuracy, ties and margins of rewards on n pairs (paper-spec §1).
+    """Accuracy (ties = 1/2), strict accuracy, ties and margins of rewards on n pairs (docs/math.md §1).
 
     Computed in float64 on the host.
 

@@ -1,13 +1,13 @@
 """Reward models: EX-RM (linear head on a hidden state), IM-RM (β ln π/π_ref, the DPO reward), EX-GRM.
 
-A reward model is a frozen dataclass with `reward(params, batch) -> [B]` (paper-spec §1). Its parameters are a
+A reward model is a frozen dataclass with `reward(params, batch) -> [B]` (docs/math.md §1). Its parameters are a
 pytree with named groups, so that the trainable-parameter masks of `dynamics.masks` can select them:
 
     EX-RM   {"lm": LM params, "head": {"u": [D]}}
     IM-RM   {"lm": LM params, "ref": LM params of π_ref (frozen; absent for the reference-free variant)}
     EX-GRM  {"lm": LM params}
 
-Conventions follow the official code (paper-spec §1, §6): the EX-RM reads the last non-pad token (or the mean
+Conventions follow the official code (docs/math.md §1, §6): the EX-RM reads the last non-pad token (or the mean
 over response positions, §6.4); the IM-RM sums log-probabilities over the response tokens, including the chat
 template's closing tokens, with no length normalisation, and β = 0.01 by default.
 """
@@ -36,7 +36,7 @@ def token_logprobs(
 ) -> Float[Array, "B T"]:
     """ln π(tokens[t] | tokens[<t]) at every position t ≥ 1 (position 0 gets 0), accumulated in float32+.
 
-    Position t's probability comes from the hidden state at t − 1 (paper-spec §1: softmax(W h_{x,y<k})).
+    Position t's probability comes from the hidden state at t − 1 (docs/math.md §1: softmax(W h_{x,y<k})).
     """
     hidden = lm.forward(params, tokens, attention_mask)
     logits = lm.unembed(params, hidden[:, :-1])  # predicts tokens[:, 1:]
@@ -47,7 +47,7 @@ def token_logprobs(
 
 
 def response_logprob(lm: LM, params: Params, batch: PairBatch) -> Float[Array, " B"]:
-    """ln π(y | x) = Σ over response tokens of ln π(y_k | x, y_<k) (paper-spec §1, summed, not normalised)."""
+    """ln π(y | x) = Σ over response tokens of ln π(y_k | x, y_<k) (docs/math.md §1, summed, not normalised)."""
     tokens, mask = _arrays(batch)
     lp = token_logprobs(lm, params, tokens, mask)
     return jnp.sum(lp * jnp.asarray(batch.response_mask).astype(lp.dtype), axis=-1)
@@ -55,12 +55,12 @@ def response_logprob(lm: LM, params: Params, batch: PairBatch) -> Float[Array, "
 
 @dataclasses.dataclass(frozen=True)
 class ExplicitRM:
-    """EX-RM: r(x, y) = ⟨u, h_{x,y}⟩, a bias-free linear head on the final hidden state (paper-spec §1).
+    """EX-RM: r(x, y) = ⟨u, h_{x,y}⟩, a bias-free linear head on the final hidden state (docs/math.md §1).
 
     Attributes:
       lm: the language model.
       pooling: "last" reads h at the last non-pad token of (x, y) (the template's final token); "mean" averages
-        ⟨u, h_{x,y≤k}⟩ over the response positions (paper-spec §6.4's ablation).
+        ⟨u, h_{x,y≤k}⟩ over the response positions (docs/math.md §6.4's ablation).
     """
 
     lm: LM
@@ -96,12 +96,12 @@ class ExplicitRM:
 
 @dataclasses.dataclass(frozen=True)
 class ImplicitRM:
-    """IM-RM: r(x, y) = β (ln π_θ(y|x) − ln π_ref(y|x)), the DPO reward (paper-spec §1).
+    """IM-RM: r(x, y) = β (ln π_θ(y|x) − ln π_ref(y|x)), the DPO reward (docs/math.md §1).
 
     Attributes:
       lm: the language model (π_θ and π_ref share its architecture).
       beta: β > 0 (the paper's `kl_coeff`, 0.01).
-      reference_free: drop π_ref: r = β ln π_θ(y|x) (paper-spec §6.4's ablation).
+      reference_free: drop π_ref: r = β ln π_θ(y|x) (docs/math.md §6.4's ablation).
     """
 
     lm: LM
@@ -139,7 +139,7 @@ class ImplicitRM:
 
 @dataclasses.dataclass(frozen=True)
 class GenerativeRM:
-    """EX-GRM: r(x, y) = π_θ("Yes" | verification prompt), a probability (paper-spec §6.5).
+    """EX-GRM: r(x, y) = π_θ("Yes" | verification prompt), a probability (docs/math.md §6.5).
 
     The input is one user turn "Question: …\\nAnswer: …\\nVerification: Is the answer correct (Yes/No)?" with the
     generation prompt (`dynamics.text.encode_exgrm`); the reward is read at the last non-pad position.
@@ -173,7 +173,7 @@ class GenerativeRM:
         return jnp.exp(self.answer_logprobs(params, batch)[:, 0])
 
     def loss(self, params: Params, chosen: ExgrmBatch, rejected: ExgrmBatch) -> Float[Array, ""]:
-        """Cross-entropy: −mean[ln π("Yes" | x, y+) + ln π("No" | x, y−)] (paper-spec §6.5)."""
+        """Cross-entropy: −mean[ln π("Yes" | x, y+) + ln π("No" | x, y−)] (docs/math.md §6.5)."""
         return -jnp.mean(self.answer_logprobs(params, chosen)[:, 0] + self.answer_logprobs(params, rejected)[:, 1])
 
 
@@ -181,12 +181,12 @@ RewardModel = ExplicitRM | ImplicitRM | GenerativeRM
 
 
 def bt_loss(r_chosen: Float[Array, " B"], r_rejected: Float[Array, " B"]) -> Float[Array, ""]:
-    """Bradley-Terry loss −mean ln σ(r+ − r−) (paper-spec §1; for the IM-RM exactly the DPO loss)."""
+    """Bradley-Terry loss −mean ln σ(r+ − r−) (docs/math.md §1; for the IM-RM exactly the DPO loss)."""
     return -jnp.mean(jax.nn.log_sigmoid(r_chosen - r_rejected))
 
 
 def bt_weight(r_chosen: Float[Array, " B"], r_rejected: Float[Array, " B"]) -> Float[Array, " B"]:
-    """g = σ(r− − r+) ∈ (0, 1): the weight of each triple's gradient in one BT step (paper-spec §3)."""
+    """g = σ(r− − r+) ∈ (0, 1): the weight of each triple's gradient in one BT step (docs/math.md §3)."""
     return jax.nn.sigmoid(r_rejected - r_chosen)
 
 

@@ -1,4 +1,4 @@
-"""The token-level coefficients ρ_{k,l} of the IM-RM's one-step dynamics (paper-spec §3.2, Eq. (5)).
+"""The token-level coefficients ρ_{k,l} of the IM-RM's one-step dynamics (docs/math.md §3.2, Eq. (5)).
 
 For an unseen pair (x̄, ȳ) and a training response v ∈ {y+, y−} of prompt x, with p = π(·|x̄, ȳ<k) and
 q = π(·|x, v<l) the two next-token distributions:
@@ -202,7 +202,7 @@ class RhoPanel:
 
 @dataclasses.dataclass(frozen=True)
 class RhoResult:
-    """ρ analysis of one unseen pair against a training triple (paper-spec §3.2).
+    """ρ analysis of one unseen pair against a training triple (docs/math.md §3.2).
 
     Attributes:
       unseen_tokens: the token strings of ȳ (the k axis).
@@ -297,7 +297,7 @@ def rho_analysis(
       tokenizer: the model's tokenizer.
       lr: η, for the closed-form Δr.
       exclude_closing: leave the chat template's closing tokens (shared by every response, so always
-        "matching tokens" with ρ ≥ 0) out of both axes (measured-facts.md: they dominate the sums).
+        "matching tokens" with ρ ≥ 0) out of both axes (docs/math.md §9: they dominate the sums).
       chunk: vocabulary chunk size.
     """
     from dynamics.models import unembedding

@@ -1,4 +1,4 @@
-"""Ancestral sampling from a decoder LM, without a KV cache (paper-spec §6.1, the generation test).
+"""Ancestral sampling from a decoder LM, without a KV cache (docs/math.md §6.1, the generation test).
 
 Each new token recomputes the forward pass over the whole sequence so far. That is quadratic in the length but
 needs nothing from the model beyond `LM.forward` / `LM.unembed`, and the paper's use (the Hamiltonian-cycle

@@ -2,7 +2,7 @@
 
 For each learning rate η of a sweep, one real optax step is taken on the training triple(s) with the trainable
 parameters of the mask, the unseen rewards are re-evaluated, and the actual change r'(u) − r(u) is compared with
-the prediction of `dynamics.delta` (paper-spec §3: the residual is O(η²), so log |actual − predicted| against
+the prediction of `dynamics.delta` (docs/math.md §3: the residual is O(η²), so log |actual − predicted| against
 log η has slope 2 until floating-point rounding takes over).
 """
 
@@ -170,7 +170,7 @@ def check_step(
     chunk_size: int = 16,
     progress: bool = False,
 ) -> StepCheckResult:
-    """Predicted and actual Δr for every η in `lrs` (paper-spec §3; the issue's "prediction vs reality").
+    """Predicted and actual Δr for every η in `lrs` (docs/math.md §3; the issue's "prediction vs reality").
 
     The prediction comes from `delta_reward` at η = 1 and is scaled (it is linear in η, for SGD and for Adam's
     first step alike); each actual value comes from a real jitted optax step with that η.

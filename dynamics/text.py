@@ -1,6 +1,6 @@
 """Text -> batches: chat-templated (prompt, response) pairs as token ids with attention and response masks.
 
-Conventions (paper-spec §1 and §6, the official code's `utils/rm_utils.py`):
+Conventions (docs/math.md §1 and §6, the official code's `utils/rm_utils.py`):
 
 - The prompt is one user turn rendered with the generation prompt; the response is everything the template
   adds after it for the assistant turn: the content *and* the template's closing tokens (SmolLM2: `<|im_end|>`
@@ -53,7 +53,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# paper-spec §6.5 (the official code's GEN_RM_INPUT_FORMAT).
+# docs/math.md §6.5 (the official code's GEN_RM_INPUT_FORMAT).
 EXGRM_INPUT_FORMAT = "Question: {prompt}\nAnswer: {response}\nVerification: Is the answer correct (Yes/No)?"
 EXGRM_ANSWERS = ("Yes", "No")
 
@@ -125,7 +125,7 @@ class PreferenceBatch:
 
 @flax.struct.dataclass
 class ExgrmBatch:
-    """EX-GRM inputs (paper-spec §6.5): one user turn + generation prompt; read at the last real token.
+    """EX-GRM inputs (docs/math.md §6.5): one user turn + generation prompt; read at the last real token.
 
     Attributes:
       tokens: int32 [B, T].
@@ -153,7 +153,7 @@ def _renumber(rows: tuple[int, ...], idx: np.ndarray) -> tuple[int, ...]:
 
 
 def last_token_index(attention_mask: jax.Array | np.ndarray) -> jax.Array:
-    """Position of the last real token of each row: where EX-RM and EX-GRM read (paper-spec §1, §6.5).
+    """Position of the last real token of each row: where EX-RM and EX-GRM read (docs/math.md §1, §6.5).
 
     It is the position of the last 1 of the mask, so it is right for left and for right padding (the official
     code's `attention_mask.sum() - 1` is right only for right padding). A row without any 1 gives T - 1.
@@ -170,7 +170,7 @@ def last_token_index(attention_mask: jax.Array | np.ndarray) -> jax.Array:
 
 
 def split_prompt_response(tokenizer: Tokenizer, prompt: str, response: str) -> tuple[str, str]:
-    """The templated prompt (with generation prompt) and the templated response after it (paper-spec §1).
+    """The templated prompt (with generation prompt) and the templated response after it (docs/math.md §1).
 
     Args:
       tokenizer: a tokenizer with a chat template.
@@ -346,7 +346,7 @@ def encode_pairs(
     padding_side: str = "right",
     pad_to: int | None = None,
 ) -> PairBatch:
-    """Encode (prompt, response) pairs with the chat template (paper-spec §1, §6).
+    """Encode (prompt, response) pairs with the chat template (docs/math.md §1, §6).
 
     Args:
       tokenizer: a tokenizer with a chat template (see `dynamics.tokenizer.ensure_chat_template`).
@@ -409,7 +409,7 @@ def encode_preferences(
     padding_side: str = "right",
     pad_to: int | None = None,
 ) -> PreferenceBatch:
-    """Encode preference triples (x, y+, y-) with the chat template (paper-spec §1, §6).
+    """Encode preference triples (x, y+, y-) with the chat template (docs/math.md §1, §6).
 
     Args:
       tokenizer: a tokenizer with a chat template.
@@ -459,12 +459,12 @@ def encode_preferences(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# EX-GRM (paper-spec §6.5)
+# EX-GRM (docs/math.md §6.5)
 # ----------------------------------------------------------------------------------------------------------
 
 
 def exgrm_prompt(prompt: str, response: str) -> str:
-    """The EX-GRM user turn for (x, y), `EXGRM_INPUT_FORMAT` (paper-spec §6.5).
+    """The EX-GRM user turn for (x, y), `EXGRM_INPUT_FORMAT` (docs/math.md §6.5).
 
     Returns:
       "Question: {x}\\nAnswer: {y}\\nVerification: Is the answer correct (Yes/No)?".
@@ -473,7 +473,7 @@ def exgrm_prompt(prompt: str, response: str) -> str:
 
 
 def exgrm_answer_ids(tokenizer: Tokenizer) -> tuple[int, int]:
-    """Token ids of "Yes" and "No", the EX-GRM answers read at the last position (paper-spec §6.5).
+    """Token ids of "Yes" and "No", the EX-GRM answers read at the last position (docs/math.md §6.5).
 
     Returns:
       `(yes_id, no_id)`.
@@ -503,7 +503,7 @@ def encode_exgrm(
     padding_side: str = "right",
     pad_to: int | None = None,
 ) -> ExgrmBatch:
-    """Encode EX-GRM inputs: `exgrm_prompt(x, y)` as one user turn + generation prompt (paper-spec §6.5).
+    """Encode EX-GRM inputs: `exgrm_prompt(x, y)` as one user turn + generation prompt (docs/math.md §6.5).
 
     Args:
       tokenizer: a tokenizer with a chat template.

@@ -5,7 +5,7 @@ model directory (`tokenizer.json` + `tokenizer_config.json`). It encodes and dec
 model's chat template the way transformers' `apply_chat_template` does (sandboxed jinja2, `trim_blocks`,
 `lstrip_blocks`).
 
-Conventions (paper-spec §1 and §6):
+Conventions (docs/math.md §1 and §6):
 
 - `encode` adds no BOS unless the source says `add_bos_token`; `dynamics.text` always encodes templated text
   with `add_special_tokens=False`, as the official code does, so the chat template alone decides the special
@@ -56,7 +56,7 @@ DEFAULT_USER_TOKEN = "<|user|>"
 DEFAULT_ASSISTANT_TOKEN = "<|assistant|>"
 DEFAULT_EOS_TOKEN = "<|endoftext|>"
 
-# The official code's template (utils/strings.py of princeton-pli/exrm-vs-imrm), verbatim: paper-spec §6.
+# The official code's template (utils/strings.py of princeton-pli/exrm-vs-imrm), verbatim: docs/math.md §6.
 # Its quirk is kept: a system message is rendered with the assistant token (no experiment has one).
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -666,7 +666,7 @@ def _load_hf_dir(path: pathlib.Path) -> Tokenizer:
 
 
 def ensure_chat_template(tokenizer: Tokenizer) -> tuple[Tokenizer, list[int]]:
-    """The tokenizer with a chat template: its own, or the paper's default (paper-spec §6).
+    """The tokenizer with a chat template: its own, or the paper's default (docs/math.md §6).
 
     A model without a template gets `DEFAULT_CHAT_TEMPLATE` with `<|user|>` and `<|assistant|>` added as
     special tokens (and `<|endoftext|>` as EOS if it has no EOS), as the official code does. The input is not

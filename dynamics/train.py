@@ -1,6 +1,6 @@
 """Training of EX-RM / IM-RM on the Bradley-Terry loss (and EX-GRM on its cross-entropy) with optax.
 
-The common training protocol of paper-spec §6 is the default: Adam (torch's defaults: betas 0.9/0.999,
+The common training protocol of docs/math.md §6 is the default: Adam (torch's defaults: betas 0.9/0.999,
 eps 1e-8, no weight decay), lr 1e-6, constant, no clipping; β = 0.01; effective batch 32 by gradient
 accumulation (micro-batch × accumulation steps) of the batch-mean loss; evaluation at the end of every epoch.
 
@@ -128,7 +128,7 @@ CPU_PASS_POSITIONS = 1024
 
 
 def make_optimizer(config: TrainConfig) -> Any:
-    """The optax transformation of `config` (constant learning rate, no clipping: paper-spec §6)."""
+    """The optax transformation of `config` (constant learning rate, no clipping: docs/math.md §6)."""
     import optax
 
     if config.optimizer == "sgd":
@@ -179,7 +179,7 @@ class EvalSuite:
     """What to evaluate: named sets of sequences, and comparisons between row-aligned sets.
 
     Scoring each distinct sequence once and comparing sets afterwards lets one response set take part in many
-    comparisons (Persona's 2×2 paraphrase combinations share their four response sets, paper-spec §6.2).
+    comparisons (Persona's 2×2 paraphrase combinations share their four response sets, docs/math.md §6.2).
 
     Attributes:
       sequences: name → `PairBatch` (EX-RM, IM-RM) or `ExgrmBatch` (EX-GRM): the sequences to score.
@@ -307,7 +307,7 @@ def _concat(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> dict[st
 
 def response_index(tokens: np.ndarray, response_mask: np.ndarray, bucket: int) -> dict[str, np.ndarray]:
     """Where the IM-RM reads: for each response token y_k at position t ≥ 1, the position t − 1 whose hidden
-    state predicts it (paper-spec §1: softmax(W h_{x,y<k})).
+    state predicts it (docs/math.md §1: softmax(W h_{x,y<k})).
 
     Only these positions need the unembedding (|y| ≪ T rows of V logits instead of T).
 
@@ -412,14 +412,14 @@ def _last_state(hidden: Any, mask: Any) -> Any:
 
 
 def _answer_logprobs(rm: GenerativeRM, lm_params: Params, hidden: Any, mask: Any) -> Any:
-    """[ln π("Yes"), ln π("No")] at the last real position (paper-spec §6.5), [B, 2]."""
+    """[ln π("Yes"), ln π("No")] at the last real position (docs/math.md §6.5), [B, 2]."""
     logits = rm.lm.unembed(lm_params, _last_state(hidden, mask))
     lp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
     return jnp.stack([lp[:, rm.yes_id], lp[:, rm.no_id]], axis=-1)
 
 
 def _ex_reward(rm: ExplicitRM, params: Params, hidden: Any, fields: Mapping[str, Any]) -> Any:
-    """⟨u, h⟩ at the last token, or averaged over the response positions (paper-spec §1, §6.4)."""
+    """⟨u, h⟩ at the last token, or averaged over the response positions (docs/math.md §1, §6.4)."""
     if rm.pooling == "last":
         h = _last_state(hidden, fields["attention_mask"])
     else:
@@ -431,8 +431,8 @@ def _ex_reward(rm: ExplicitRM, params: Params, hidden: Any, fields: Mapping[str,
 def _pair_losses(rm: RewardModel, params: Params, both: Mapping[str, Any], ref: Any, b: int, start: int):
     """Per-row losses ℓ_i and rewards (r+, r−) of b pairs whose chosen rows come first in `both` [2b, T].
 
-    BT (paper-spec §1): ℓ_i = −ln σ(r(x_i,y_i+) − r(x_i,y_i−)), with r_IM = β (ln π_θ − ln π_ref) and the cached
-    ln π_ref. EX-GRM (paper-spec §6.5): ℓ_i = −½ [ln π(Yes | x_i, y_i+) + ln π(No | x_i, y_i−)], so that the
+    BT (docs/math.md §1): ℓ_i = −ln σ(r(x_i,y_i+) − r(x_i,y_i−)), with r_IM = β (ln π_θ − ln π_ref) and the cached
+    ln π_ref. EX-GRM (docs/math.md §6.5): ℓ_i = −½ [ln π(Yes | x_i, y_i+) + ln π(No | x_i, y_i−)], so that the
     batch mean is the official code's mean over the 2b concatenated sequences.
     """
     hidden = _hidden(rm.lm, params["lm"], both, start)
@@ -1018,7 +1018,7 @@ def train(
     progress: bool = True,
     mesh: Any = None,
 ) -> TrainResult:
-    """Trains a reward model (paper-spec §6, common training protocol) and evaluates it along the way.
+    """Trains a reward model (docs/math.md §6, common training protocol) and evaluates it along the way.
 
     Every input is checked before the first step (and before anything is written). Evaluations happen at step 0
     (if `eval_at_start`), at the end of every `eval_every_epochs`-th epoch, every `eval_every_steps` steps, and

@@ -22,7 +22,7 @@ PARAM_SHARDINGS = ("replicate", "fsdp")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Every option of a training run (paper-spec §6, common training protocol, for the defaults).
+    """Every option of a training run (docs/math.md §6, common training protocol, for the defaults).
 
     Attributes:
       reward: "ex" (EX-RM, last token), "ex-mean" (EX-RM, mean over response positions, §6.4), "im" (IM-RM),

@@ -1,4 +1,4 @@
-"""Benchmark of the eNTK Δr (architecture.md, "The one identity"): VJP + JVP against a forward pass and against
+"""Benchmark of the eNTK Δr (docs/math.md §3): VJP + JVP against a forward pass and against
 materialized per-example gradients.
 
 On B unseen pairs (Persona paraphrases on the agreeableness prompts) with every parameter trainable, measured

@@ -1,6 +1,6 @@
 """Experiment plans: a TOML base config, presets, an options grid and `--set` overrides.
 
-The shape follows the official code's plans (a base config plus an options grid, paper-spec §6):
+The shape follows the official code's plans (a base config plus an options grid, docs/math.md §6):
 
     experiment = "persona"             # which runner (experiments.<experiment>)
     description = "..."

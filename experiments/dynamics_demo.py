@@ -1,10 +1,10 @@
-"""The one-step Persona demo (paper-spec §3 and §6.2): data, computation and the printed explanation.
+"""The one-step Persona demo (docs/math.md §3 and §6.2): data, computation and the printed explanation.
 
 One training triple of the Persona setting (an agreeableness prompt, y+ = "A truthful reply is yes",
 y− = "Considering the statement, I say no") and unseen pairs that a reward model which "understood" the triple
 should move the same way: the paper's paraphrases ("My response would be certainly/absolutely" vs "I lean toward
 not really/nope"), the training-style responses with the other answer words, and the "swapped openings" probe of
-measured-facts.md (the paraphrases' openings exchanged: "I lean toward certainly" vs "My response would be nope").
+docs/math.md §9 (the paraphrases' openings exchanged: "I lean toward certainly" vs "My response would be nope").
 The pairs sit on the training prompt and on two test prompts. For each, the predicted Δr after one SGD step on
 the triple, for the EX-RM and the IM-RM, with all parameters trained (eNTK) and under Assumption 1 (closed forms
 of Eqs. (4) and (5)); and the ρ heatmap of one paraphrase.
@@ -107,7 +107,7 @@ def sign_summary(delta: np.ndarray, pairs: Sequence[DemoPair]) -> dict[str, dict
 
     The accuracy is the fraction of (yes-pair, no-pair) combinations on the same prompt and in the same group
     with Δr(yes) > Δr(no) (ties ½): after one step from equal rewards (the IM-RM at π = π_ref) it is exactly the
-    sign of the first-order change of the pair's margin, the one-step analogue of paper-spec §6.2's accuracy.
+    sign of the first-order change of the pair's margin, the one-step analogue of docs/math.md §6.2's accuracy.
     """
     out: dict[str, dict[str, float]] = {}
     for group in dict.fromkeys(p.group for p in pairs):
@@ -218,7 +218,7 @@ def explain(results: dict[str, Any], pairs: Sequence[DemoPair], rho: Any, rho_ex
         lines.append(
             "  In every computation the opening ('I lean toward' vs 'My response would be') moves Δr about as much "
             "as the answer word or more: the paper's paraphrases confound the two (yes opens with 'My'), the "
-            "swapped probe separates them. measured-facts.md found the opening 'My' driving trained EX-RMs on "
+            "swapped probe separates them. docs/math.md §9 records the opening 'My' driving trained EX-RMs on "
             "SmolLM2; here it already shows after one step, for both reward types."
         )
     if a_para["IM-RM ntk all"] <= 0.25 and rel["IM-RM ntk all"][0] > 0:
@@ -230,13 +230,13 @@ def explain(results: dict[str, Any], pairs: Sequence[DemoPair], rho: Any, rho_ex
     if im_cf < 0 < rel["IM-RM ntk all"][0]:
         lines.append(
             "  Under Assumption 1 the IM-RM moves the paraphrased 'no' words above the 'yes' words, the direction "
-            "the paper's ρ argument predicts (paper-spec §3.2); with all parameters trained the backbone's update "
+            "the paper's ρ argument predicts (docs/math.md §3.2); with all parameters trained the backbone's update "
             "reverses that here."
         )
     elif im_cf < 0:
         lines.append(
             "  Under Assumption 1 the IM-RM moves the paraphrased 'no' words above the 'yes' words, the direction "
-            "the paper's ρ argument predicts (paper-spec §3.2)."
+            "the paper's ρ argument predicts (docs/math.md §3.2)."
         )
     im = results["IM-RM ntk all"]
     lines.append(

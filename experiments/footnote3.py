@@ -1,6 +1,6 @@
-"""Footnote 3: do the pre-trained model's hidden representations already separate the paraphrases? (paper-spec §6.2)
+"""Footnote 3: do the pre-trained model's hidden representations already separate the paraphrases? (docs/math.md §6.2)
 
-On the pre-trained model (no fine-tuning), with the Persona data of paper-spec §6.2 (80 training prompts, 40 test
+On the pre-trained model (no fine-tuning), with the Persona data of docs/math.md §6.2 (80 training prompts, 40 test
 prompts, seed 875):
 
 1. seen differences z_i = h_{x_i,y_i+} − h_{x_i,y_i−} on the 80 training prompts, with their training-style
@@ -103,7 +103,7 @@ def footnote3_statistics(
 
 @dataclasses.dataclass(frozen=True)
 class Footnote3Result:
-    """Footnote 3's numbers (paper-spec §6.2).
+    """Footnote 3's numbers (docs/math.md §6.2).
 
     Attributes:
       statistics: name → `summary_stats` (see `footnote3_statistics`).
@@ -161,7 +161,7 @@ class _Batch:
 
 
 def hidden_differences(loaded: Any, texts: Any, values: Mapping[str, Any], chunk: int = 16) -> dict[str, np.ndarray]:
-    """Seen and unseen differences of last-token hidden states on the Persona data (paper-spec §6.2, Footnote 3).
+    """Seen and unseen differences of last-token hidden states on the Persona data (docs/math.md §6.2, Footnote 3).
 
     Args:
       loaded: the model (`dynamics.loading.Loaded`).

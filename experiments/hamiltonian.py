@@ -1,4 +1,4 @@
-"""Hamiltonian-cycle verification (paper-spec §6.1, the paper's Section 3.2): verifying is not generating.
+"""Hamiltonian-cycle verification (docs/math.md §6.1, the paper's Section 3.2): verifying is not generating.
 
 Graphs. Each graph has N vertices and a planted Hamiltonian cycle (Sec. IV.B of arXiv 2306.06523, as the
 official code does): a random vertex permutation π gives the N cycle edges (π_i, π_{i+1 mod N}); every other
@@ -10,7 +10,7 @@ edge (rejection sampling, so y− is uniform over the non-Hamiltonian permutatio
 after 10 draws with an error; so does this one (`max_not_cycle_tries`), and it never returns a Hamiltonian y−.
 
 Randomness. numpy's PCG64 (`default_rng(data_seed)`), not the official torch stream, so the graphs are not the
-paper's (paper-spec §6.1 uses a torch generator seeded 982). Train graphs are drawn first, then test graphs;
+paper's (docs/math.md §6.1 uses a torch generator seeded 982). Train graphs are drawn first, then test graphs;
 the training-set evaluation uses `n_train_eval` training graphs picked with `default_rng(eval_seed)` (the
 official code: 200 of the 1,000, seed 517).
 
@@ -19,7 +19,7 @@ Text, with two tokens added to the tokenizer as special tokens (never split) and
     prompt   = "Vertices: <sep>0<sep>1<sep>…<sep>9\\nEdges: <sep>a<edge_sep>b<sep>c<edge_sep>d…"
     response = "v0<sep>v1<sep>…<sep>v9"
 
-Generation test (IM-RM only; paper-spec §6.1). One sample per prompt from π_θ (temperature 1, no top-k, top-p 1,
+Generation test (IM-RM only; docs/math.md §6.1). One sample per prompt from π_θ (temperature 1, no top-k, top-p 1,
 at most 300 new tokens, `dynamics.sampling.sample`), decoded with the tokenizer's special tokens removed except
 `<sep>`/`<edge_sep>` (the official code adds those two as ordinary tokens and decodes with
 skip_special_tokens=True); correct iff it splits on `<sep>` into N distinct integers whose cyclically consecutive
@@ -92,7 +92,7 @@ HAMILTONIAN_KEYS = (
     "gen_seed",
 )
 
-#: paper-spec §6.1's table (pythia-1b, 1,000 train / 200 test graphs).
+#: docs/math.md §6.1's table (pythia-1b, 1,000 train / 200 test graphs).
 PAPER_TABLE = {
     "train/rewards/accuracies": {"EX-RM": 1.0, "IM-RM": 1.0},
     "test/rewards/accuracies": {"EX-RM": 0.980, "IM-RM": 0.993},
@@ -114,7 +114,7 @@ TABLE_ROWS = (
 
 @dataclasses.dataclass(frozen=True)
 class HamiltonianGraph:
-    """One graph with a planted Hamiltonian cycle, and its preference pair (paper-spec §6.1).
+    """One graph with a planted Hamiltonian cycle, and its preference pair (docs/math.md §6.1).
 
     Attributes:
       n_vertices: N; the vertices are 0 … N − 1.
@@ -226,7 +226,7 @@ def make_graph(n_vertices: int, edge_p: float, rng: np.random.Generator, max_tri
 def generate_graphs(
     count: int, n_vertices: int, edge_p: float, rng: np.random.Generator, max_tries: int = 10
 ) -> tuple[HamiltonianGraph, ...]:
-    """`count` graphs drawn one after the other from `rng` (paper-spec §6.1)."""
+    """`count` graphs drawn one after the other from `rng` (docs/math.md §6.1)."""
     return tuple(make_graph(n_vertices, edge_p, rng, max_tries) for _ in range(count))
 
 
@@ -263,7 +263,7 @@ def parse_cycle(text: str, n_vertices: int) -> tuple[int, ...] | None:
 
 
 def is_correct_generation(text: str, graph: HamiltonianGraph) -> bool:
-    """Whether a generated response is a Hamiltonian cycle of `graph` (paper-spec §6.1's generation test)."""
+    """Whether a generated response is a Hamiltonian cycle of `graph` (docs/math.md §6.1's generation test)."""
     order = parse_cycle(text, graph.n_vertices)
     return order is not None and is_hamiltonian_cycle(order, graph.edges, graph.n_vertices)
 
@@ -395,7 +395,7 @@ def add_graph_tokens(loaded: Any) -> tuple[Any, Any, Any, tuple[int, int]]:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
-    """The IM-RM generation test on one set of prompts (paper-spec §6.1).
+    """The IM-RM generation test on one set of prompts (docs/math.md §6.1).
 
     Attributes:
       n: prompts.
@@ -459,7 +459,7 @@ def generation_test(
     batch_size: int = 16,
     n_examples: int = 3,
 ) -> GenerationResult:
-    """Samples one response per graph prompt from π_θ and checks it (paper-spec §6.1).
+    """Samples one response per graph prompt from π_θ and checks it (docs/math.md §6.1).
 
     Args:
       lm: the model (π_θ: the IM-RM's language model after training).
@@ -552,7 +552,7 @@ def run(
     progress: bool = True,
     loaded: Any = None,
 ):
-    """Draws the graphs, trains the reward model and, for an IM-RM, runs the generation test (paper-spec §6.1).
+    """Draws the graphs, trains the reward model and, for an IM-RM, runs the generation test (docs/math.md §6.1).
 
     Args:
       values: the run's resolved plan keys.
@@ -631,7 +631,7 @@ REWARD_LABELS = {"ex": "EX-RM", "ex-mean": "EX-RM (mean)", "im": "IM-RM", "im-no
 
 
 def hamiltonian_table(final_evals: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
-    """The paper's Hamiltonian table (paper-spec §6.1): one column per run, and the paper's numbers beside.
+    """The paper's Hamiltonian table (docs/math.md §6.1): one column per run, and the paper's numbers beside.
 
     Args:
       final_evals: column label (e.g. "EX-RM", "IM-RM") → final evaluation metrics of that run.

@@ -1,4 +1,4 @@
-"""The Persona experiment: a controlled token-level shift (paper-spec §6.2, the paper's Section 5.1).
+"""The Persona experiment: a controlled token-level shift (docs/math.md §6.2, the paper's Section 5.1).
 
 Statements of one Persona trait whose `answer_matching_behavior` is "Yes" are the prompts; 80 training and 40
 test prompts come from a random permutation (seed 875). Each prompt gets a training-style "yes" response
@@ -205,7 +205,7 @@ def combination_name(split: str, yes: str, no: str) -> str:
 
 
 def persona_eval_suite(encode: Callable[[Sequence[str], Sequence[str]], Any], texts: PersonaTexts):
-    """The evaluation sets of paper-spec §6.2 as an `EvalSuite` (each distinct response set scored once).
+    """The evaluation sets of docs/math.md §6.2 as an `EvalSuite` (each distinct response set scored once).
 
     Args:
       encode: (prompts, responses) → the sequences to score (`encode_pairs` for EX-RM / IM-RM,
@@ -238,7 +238,7 @@ def persona_eval_suite(encode: Callable[[Sequence[str], Sequence[str]], Any], te
 
 
 def persona_table(final_evals: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
-    """The paper's Persona table (paper-spec §6.2): accuracy per (responses, prompts) row and per run.
+    """The paper's Persona table (docs/math.md §6.2): accuracy per (responses, prompts) row and per run.
 
     Args:
       final_evals: run label (e.g. "EX-RM", "IM-RM") → its final evaluation metrics.
@@ -290,7 +290,7 @@ def run(
     progress: bool = True,
     loaded: Any = None,
 ):
-    """Builds the Persona data and evaluation sets from `values` and trains (paper-spec §6.2).
+    """Builds the Persona data and evaluation sets from `values` and trains (docs/math.md §6.2).
 
     Args:
       values: the run's resolved plan keys.

@@ -101,7 +101,7 @@ def model_problem(
       seed: base seed (seed s uses `seed + s`).
       model: model source (default: SmolLM2-135M-Instruct).
       trait: the Persona file (agreeableness, openness, extraversion).
-      n_train, n_test: prompts (paper-spec §6.2's split, seed 875); training triples use the training prompts,
+      n_train, n_test: prompts (docs/math.md §6.2's split, seed 875); training triples use the training prompts,
         evaluation triples every prompt.
       loaded: an already loaded model (`dynamics.loading.Loaded`), to skip loading.
 

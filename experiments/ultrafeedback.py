@@ -1,4 +1,4 @@
-"""Real-world token-level and domain shifts: UltraFeedback- or RewardMATH-trained RMs (paper-spec §6.3, Section 5.2).
+"""Real-world token-level and domain shifts: UltraFeedback- or RewardMATH-trained RMs (docs/math.md §6.3, Section 5.2).
 
 Training data (`train_data`):
 
@@ -24,7 +24,7 @@ before the chat template) *before* any selection, and the skipped rows are repor
 config.json); `truncate` cuts prompts from the left to fit `max_length`. The paper preset does neither: its
 data was already filtered to ≤ 512 Llama-3.2-1B tokens per field.
 
-Win / tie / loss (paper-spec §6.3 leaves the paper's rule open). Per evaluation set the EX-RM wins when its
+Win / tie / loss (docs/math.md §6.3 leaves the paper's rule open). Per evaluation set the EX-RM wins when its
 accuracy exceeds the IM-RM's by more than the tie band, the IM-RM wins in the opposite case, else a tie. The
 band (`TieRule`) is either k binomial standard errors of the difference of the two accuracies,
 k·√(p_EX(1−p_EX)/n + p_IM(1−p_IM)/n) ("stderr", default k = 1: it scales with the evaluation set's size, which
@@ -116,7 +116,7 @@ SET_LABELS = {
 }
 #: The paper's three panels (Figure 2), in order.
 CATEGORIES = ("in-distribution", "token-level shift", "domain shift")
-#: paper-spec §6.3's aggregate table (six models, UltraFeedback training; from a third-party summary).
+#: docs/math.md §6.3's aggregate table (six models, UltraFeedback training; from a third-party summary).
 PAPER_AGGREGATE = {
     "in-distribution": {"EX-RM": (0.752, 1.014), "IM-RM": (0.646, 0.813)},
     "token-level shift": {"EX-RM": (0.665, 0.976), "IM-RM": (0.602, 0.763)},
@@ -341,7 +341,7 @@ def summarize_categories(comparisons: Sequence[SetComparison]) -> dict[str, dict
 def aggregate_table(
     runs: Sequence[Mapping[str, Any]], categories: Mapping[str, str], *, paper: bool = True
 ) -> dict[str, Any]:
-    """Mean accuracy and normalized margin per category and reward type (paper-spec §6.3's aggregate table).
+    """Mean accuracy and normalized margin per category and reward type (docs/math.md §6.3's aggregate table).
 
     Means are over the category's sets and over the runs of one reward type (e.g. the models).
 
@@ -491,7 +491,7 @@ def _fit(rows: list[Any], limit: int, tokenizer: Any) -> tuple[list[Any], list[A
 
 
 def ultrafeedback_data(values: Mapping[str, Any], tokenizer: Any | None = None) -> UltraFeedbackData:
-    """Loads, filters and selects the training and evaluation rows (paper-spec §6.3).
+    """Loads, filters and selects the training and evaluation rows (docs/math.md §6.3).
 
     Args:
       values: the plan's resolved keys.
@@ -613,7 +613,7 @@ def validate(values: Mapping[str, Any]) -> None:
 
     validate_training_keys("ultrafeedback", values, UF_KEYS)
     if values["reward"] == "exgrm":
-        raise ConfigError("ultrafeedback: reward 'exgrm' is run on Persona only (paper-spec §6.5)")
+        raise ConfigError("ultrafeedback: reward 'exgrm' is run on Persona only (docs/math.md §6.5)")
     train_config(values)
     run_mesh(values)  # a bad device count fails now, before any model loads
     resolve_model_source(values["model"])
@@ -641,7 +641,7 @@ def run(
     progress: bool = True,
     loaded: Any = None,
 ):
-    """Builds the training and evaluation sets and trains (paper-spec §6.3).
+    """Builds the training and evaluation sets and trains (docs/math.md §6.3).
 
     Args:
       values: the run's resolved plan keys.

@@ -1,4 +1,4 @@
-"""Figure: predicted one-step Δr of unseen pairs, EX-RM beside IM-RM (paper-spec §3; `rmdyn delta`, the demo).
+"""Figure: predicted one-step Δr of unseen pairs, EX-RM beside IM-RM (docs/math.md §3; `rmdyn delta`, the demo).
 
 Data in (`dynamics.delta.DeltaResult`s or their `to_dict()`), PNG + JSON out. One panel per computation (e.g.
 EX-RM and IM-RM, each with all parameters trained and under Assumption 1), EX-RM panels first, each on its own

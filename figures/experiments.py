@@ -1,9 +1,9 @@
-"""Figures of the paper's experiments (paper-spec §7): training curves and the Figure-2-style UltraFeedback chart.
+"""Figures of the paper's experiments (docs/math.md §7): training curves and the Figure-2-style UltraFeedback chart.
 
 Data in (plain mappings, e.g. from `rmdyn figures`), PNG + JSON out (`figures._style.save_figure`).
 
 - `training_curves_figure`: accuracy along training, one panel per evaluation (e.g. Persona's paraphrased
-  responses on training / test prompts), one line per run. measured-facts.md: the IM-RM's paraphrase accuracy
+  responses on training / test prompts), one line per run. docs/math.md §9: the IM-RM's paraphrase accuracy
   collapses only late in training, so the whole curve is what to look at, not one point.
 - `ultrafeedback_figure`: per evaluation set the EX-RM and IM-RM accuracies side by side, grouped by category
   (in-distribution, token-level shift, domain shift), each pair marked by its outcome (EX-RM win, tie, IM-RM

@@ -1,4 +1,4 @@
-"""Figure: the IM-RM's token-level coefficients ρ_{k,l} and the hidden similarities (paper-spec §3.2, Eq. (5)).
+"""Figure: the IM-RM's token-level coefficients ρ_{k,l} and the hidden similarities (docs/math.md §3.2, Eq. (5)).
 
 Data in (a `dynamics.rho.RhoResult` or its `to_dict()`), PNG + JSON out. A 2 × 3 grid: rows v = y+ and v = y−;
 columns ρ_{k,l}(v), ⟨h_{x̄,ȳ<k}, h_{x,v<l}⟩ and their product, whose double sum is the kernel term of Eq. (5)

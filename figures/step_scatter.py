@@ -1,4 +1,4 @@
-"""Figure: first-order prediction against a real optimizer step, over a sweep of learning rates (paper-spec §3).
+"""Figure: first-order prediction against a real optimizer step, over a sweep of learning rates (docs/math.md §3).
 
 Data in (`dynamics.step.StepCheckResult`s or their `to_dict()`), PNG + JSON out.
 
@@ -114,7 +114,7 @@ def step_scatter_figure(results: Mapping[str, Any], png_path: str | os.PathLike[
         ax.set(xscale="log", yscale="log", xlabel="learning rate η", ylabel="max over pairs of |Δr|")
         ax.set_title("Residual |actual − predicted|")
         ax.legend(loc="upper left", fontsize=7)
-        fig.suptitle("One real step against the first-order Δr (paper-spec §3)", fontsize=10)
+        fig.suptitle("One real step against the first-order Δr (docs/math.md §3)", fontsize=10)
         out_all = {
             "results": data,
             "figure": {

@@ -2,7 +2,7 @@
 
 A table is a mapping {"title", "columns": [names], "rows": [{name: value}], "row_label": the key of the first
 column, optional "notes": [lines]}; values are numbers (written with 3 decimals), strings or None ("–").
-Used for the paper's tables (paper-spec §7): Persona, Hamiltonian cycles, the UltraFeedback aggregate, the
+Used for the paper's tables (docs/math.md §7): Persona, Hamiltonian cycles, the UltraFeedback aggregate, the
 ablations and the Footnote-3 statistics.
 """
 

@@ -1,4 +1,4 @@
-"""Figure: the Theorem-2 simulation (paper-spec §5 and §7, "the Theorem-2 simulation" diagnostic figure).
+"""Figure: the Theorem-2 simulation (docs/math.md §5 and §7, "the Theorem-2 simulation" diagnostic figure).
 
 Data in (a `theory.Theorem2Result` or its `to_dict()` / JSON), PNG + JSON out. Three panels over the GD step t
 (log axis, t ≥ 1), each a mean over seeds with a min–max band:

@@ -128,7 +128,7 @@ def test_ex_closed_form_is_eq4_by_hand(x64):
     ],
 )
 def test_residual_is_second_order(x64, kind, spec, optimizer):
-    """|actual − predicted| ∝ η² over three decades of η (paper-spec §3's O(η²))."""
+    """|actual − predicted| ∝ η² over three decades of η (docs/math.md §3's O(η²))."""
     lm, params, train, unseen = _setup(n_train=2)
     rm, p = _rm(kind, lm, params)
     res = check_step(rm, p, train, unseen, lrs=np.logspace(-5, -2, 7), params_spec=spec, optimizer=optimizer)

@@ -76,7 +76,7 @@ def test_rho_figure_accepts_result_and_dict(tmp_path):
     data = json.loads(js.read_text())
     # against values computed here from the panels' raw inputs (the four terms and ⟨h, h'⟩), not from the
     # result's own properties: ρ = 1[·] − cross_train − cross_unseen + inner, product = ⟨h, h'⟩ ρ, sums of both,
-    # and Δr = η g β² (ΣΣ product(y+) − ΣΣ product(y−)) (paper-spec Eq. (5))
+    # and Δr = η g β² (ΣΣ product(y+) − ΣΣ product(y−)) (arXiv 2507.07981 Eq. (5); docs/math.md §3.2)
     expected = {}
     for side in ("chosen", "rejected"):
         panel = getattr(result, side)

@@ -1,4 +1,4 @@
-"""experiments.footnote3 (paper-spec §6.2, Footnote 3): the statistics against a direct numpy computation."""
+"""experiments.footnote3 (docs/math.md §6.2, Footnote 3): the statistics against a direct numpy computation."""
 
 from __future__ import annotations
 

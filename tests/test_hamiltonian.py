@@ -1,4 +1,4 @@
-"""experiments.hamiltonian (paper-spec §6.1) and dynamics.sampling: graphs, y−, the cycle checker, the sampler."""
+"""experiments.hamiltonian (docs/math.md §6.1) and dynamics.sampling: graphs, y−, the cycle checker, the sampler."""
 
 from __future__ import annotations
 

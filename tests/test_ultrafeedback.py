@@ -1,4 +1,4 @@
-"""experiments.ultrafeedback (paper-spec §6.3): data selection, length filter, tie rule, summaries, bad input."""
+"""experiments.ultrafeedback (docs/math.md §6.3): data selection, length filter, tie rule, summaries, bad input."""
 
 from __future__ import annotations
 

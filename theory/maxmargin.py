@@ -1,4 +1,4 @@
-"""The hard-margin, bias-free SVM direction u* of Theorem 2 (paper-spec §5, claim 1).
+"""The hard-margin, bias-free SVM direction u* of Theorem 2 (docs/math.md §5, claim 1).
 
     u* = argmin_u ½‖u‖²  subject to  ⟨u, z_i⟩ ≥ 1 for every i,     z_i = h_{x_i,y_i+} − h_{x_i,y_i−}.
 
@@ -43,7 +43,7 @@ _SPARSE_SOLVERS = frozenset({"clarabel", "osqp", "scs", "piqp"})
 
 @dataclass(frozen=True)
 class MaxMarginResult:
-    """The max-margin direction and its certificate (paper-spec §5, claim 1).
+    """The max-margin direction and its certificate (docs/math.md §5, claim 1).
 
     Attributes:
       direction: [D] u*, the minimum-norm u with ⟨u, z_i⟩ ≥ 1.
@@ -208,7 +208,7 @@ def max_margin_direction(
     support_tol: float = 1e-6,
     what: str = "the training differences z_i",
 ) -> MaxMarginResult:
-    """Hard-margin, bias-free SVM: u* = argmin ½‖u‖² s.t. ⟨u, z_i⟩ ≥ 1 (paper-spec §5, claim 1).
+    """Hard-margin, bias-free SVM: u* = argmin ½‖u‖² s.t. ⟨u, z_i⟩ ≥ 1 (docs/math.md §5, claim 1).
 
     Args:
       z: [n, D] the training differences z_i = h_{x_i,y_i+} − h_{x_i,y_i−} (EX-RM representation units).

@@ -1,14 +1,14 @@
-"""Theorem 1: an IM-RM can verify without generating (paper-spec §4).
+"""Theorem 1: an IM-RM can verify without generating (docs/math.md §4).
 
 For a finite response set per prompt, a reference distribution π_ref with full support, a correct set C(x),
 β > 0 and a margin δ > 0, the construction
 
-    π(y|x) ∝ π_ref(y|x) · exp((δ/β) · 1[y ∈ C(x)])                                   (paper-spec §4, proof)
+    π(y|x) ∝ π_ref(y|x) · exp((δ/β) · 1[y ∈ C(x)])                                   (docs/math.md §4, proof)
 
 makes r_IM = β ln(π/π_ref) = δ·1[y ∈ C] − β ln Z(x) a δ-verifier while
 π(C|x) = e^{δ/β} π_ref(C|x) / Z(x) ≤ e^{δ/β} π_ref(C|x), with Z(x) = 1 + (e^{δ/β} − 1) π_ref(C|x).
 Its odds ratio (π(C)/(1−π(C))) / (π_ref(C)/(1−π_ref(C))) equals e^{δ/β} exactly, and any δ-verifier has an
-odds ratio of at least e^{δ/β} (paper-spec §4 "Tightness"), in fact at least e^{margin/β}.
+odds ratio of at least e^{δ/β} (docs/math.md §4 "Tightness"), in fact at least e^{margin/β}.
 
 Everything is computed in float64 numpy and in log space (logsumexp over the correct and over the incorrect
 responses separately, never 1 − p), so e^{δ/β} = e^{100} (β = 0.01, δ = 1) neither overflows nor cancels. The
@@ -75,7 +75,7 @@ def _as_distribution(name: str, probs: Any, atol: float, *, full_support: bool) 
     if full_support and np.any(arr == 0):
         bad = tuple(int(i) for i in np.argwhere(arr == 0)[0])
         raise ConfigError(
-            f"{name} must have full support (Theorem 1, paper-spec §4: β ln π/π_ref is undefined where "
+            f"{name} must have full support (Theorem 1, docs/math.md §4: β ln π/π_ref is undefined where "
             f"π_ref = 0), got 0 at index {bad}"
         )
     sums = arr.sum(axis=1)
@@ -129,7 +129,7 @@ def _log(p: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class GenerationBound:
-    """Per-prompt probability masses of the Theorem-1 construction (paper-spec §4), all in natural log.
+    """Per-prompt probability masses of the Theorem-1 construction (docs/math.md §4), all in natural log.
 
     Attributes:
       beta: β > 0 of r_IM = β ln π/π_ref.
@@ -154,7 +154,7 @@ class GenerationBound:
 
     @property
     def log_odds_ratio(self) -> np.ndarray:
-        """[P] ln[(π(C)/(1−π(C))) / (π_ref(C)/(1−π_ref(C)))]; δ/β for the construction (paper-spec §4)."""
+        """[P] ln[(π(C)/(1−π(C))) / (π_ref(C)/(1−π_ref(C)))]; δ/β for the construction (docs/math.md §4)."""
         return (self.log_mass - self.log_mass_incorrect) - (self.log_ref_mass - self.log_ref_mass_incorrect)
 
     @property
@@ -206,7 +206,7 @@ class GenerationBound:
 def construction_from_masses(
     log_ref_mass: Any, log_ref_mass_incorrect: Any, beta: float, delta: float
 ) -> GenerationBound:
-    """Theorem 1's construction from the reference masses alone (paper-spec §4, proof).
+    """Theorem 1's construction from the reference masses alone (docs/math.md §4, proof).
 
     The tilt π ∝ π_ref·exp((δ/β)1[y∈C]) moves mass only between C and its complement, so π(C) depends on
     π_ref(C) only: ln Z = logaddexp(δ/β + ln π_ref(C), ln(1−π_ref(C))), ln π(C) = δ/β + ln π_ref(C) − ln Z and
@@ -255,7 +255,7 @@ def construction_from_masses(
 def construction_from_counts(n_correct: int, n_total: int, beta: float, delta: float) -> GenerationBound:
     """Theorem 1's construction for a uniform π_ref over `n_total` responses of which `n_correct` are correct.
 
-    Example (paper-spec §6.1): the 10! vertex orderings of a 10-vertex graph with one planted Hamiltonian
+    Example (docs/math.md §6.1): the 10! vertex orderings of a 10-vertex graph with one planted Hamiltonian
     cycle, which 20 orderings represent (10 rotations × 2 directions): π_ref(C) = 20/10!. Computed from
     integer counts, so 1 − π_ref(C) = (n_total − n_correct)/n_total is exact.
 
@@ -284,8 +284,8 @@ def construction_from_counts(n_correct: int, n_total: int, beta: float, delta: f
 
 @dataclass(frozen=True)
 class VerifierConstruction:
-    """The distribution π of Theorem 1 on an enumerated response set, its IM-RM and its masses (paper-spec
-    §4).
+    """The distribution π of Theorem 1 on an enumerated response set, its IM-RM and its masses (arXiv 2507.07981
+    Theorem 1; docs/math.md §4).
 
     Attributes:
       log_ref: [P, N] ln π_ref(y|x).
@@ -348,7 +348,7 @@ class VerifierConstruction:
 
 
 def _margin(rewards: np.ndarray, correct: np.ndarray) -> np.ndarray:
-    """[P] min over correct rewards − max over incorrect rewards (the verifier margin of paper-spec §4)."""
+    """[P] min over correct rewards − max over incorrect rewards (the verifier margin of docs/math.md §4)."""
     lo = np.where(correct, rewards, np.inf).min(axis=1)
     hi = np.where(correct, -np.inf, rewards).max(axis=1)
     with np.errstate(invalid="ignore"):
@@ -358,7 +358,7 @@ def _margin(rewards: np.ndarray, correct: np.ndarray) -> np.ndarray:
 def verifier_construction(
     ref_probs: Any, correct: Any, beta: float = 0.01, delta: float = 1.0, *, atol: float = 1e-6
 ) -> VerifierConstruction:
-    """Builds Theorem 1's π(y|x) ∝ π_ref(y|x)·exp((δ/β)·1[y∈C(x)]) and its IM-RM (paper-spec §4, proof).
+    """Builds Theorem 1's π(y|x) ∝ π_ref(y|x)·exp((δ/β)·1[y∈C(x)]) and its IM-RM (docs/math.md §4, proof).
 
     Args:
       ref_probs: [P, N] (or [N]) π_ref(y|x): finite, > 0 (full support, as Theorem 1 assumes), each row
@@ -408,7 +408,7 @@ def verifier_construction(
 
 @dataclass(frozen=True)
 class VerifierCheck:
-    """Whether a given π's IM-RM is a δ-verifier and what it does to generation (paper-spec §4).
+    """Whether a given π's IM-RM is a δ-verifier and what it does to generation (docs/math.md §4).
 
     Attributes:
       margin: [P] min_{y∈C} r_IM − max_{y∉C} r_IM, r_IM = β ln(π/π_ref) (reward units; −inf if π puts zero
@@ -416,7 +416,7 @@ class VerifierCheck:
       is_verifier: [P] bool, margin ≥ δ − tol.
       masses: ln π_ref(C), ln π(C) and their complements; `masses.log_ratio` is the generation gain
         ln(π(C)/π_ref(C)), `masses.log_odds_ratio` the log odds ratio.
-      log_odds_lower_bound: [P] margin/β: every π satisfies log odds ratio ≥ margin/β (paper-spec §4
+      log_odds_lower_bound: [P] margin/β: every π satisfies log odds ratio ≥ margin/β (docs/math.md §4
         "Tightness", before substituting margin ≥ δ).
       respects_odds_bound: [P] bool, log odds ratio ≥ δ/β − tol where the IM-RM is a δ-verifier (vacuously
         true elsewhere). False would contradict the tightness statement.

@@ -1,4 +1,4 @@
-"""Theorem 2: the single-token simulator of EX-RM vs IM-RM gradient descent (paper-spec §5).
+"""Theorem 2: the single-token simulator of EX-RM vs IM-RM gradient descent (docs/math.md §5).
 
 Under Assumption 1 (fixed hidden representations; only the last linear layer trains) and Assumption 2
 (single-token responses):
@@ -11,21 +11,21 @@ Under Assumption 1 (fixed hidden representations; only the last linear layer tra
   every t and the IM-RM's accuracy on unseen pairs is exactly ½ (claim 2).
 
 Both heads are trained by full-batch gradient descent on the Bradley-Terry loss L = mean_i softplus(−m_i),
-m_i = r(x_i, y_i+) − r(x_i, y_i−) (paper-spec §1). The loop is a `lax.scan` over the segments of a log-spaced
+m_i = r(x_i, y_i+) − r(x_i, y_i−) (docs/math.md §1). The loop is a `lax.scan` over the segments of a log-spaced
 recording grid, each segment a `lax.fori_loop` over its GD steps; the whole run is jitted and vmapped over
 seeds.
 
 **IM-RM reward differences are computed structurally.** Both tokens of a comparison share the prompt, so the
 log-softmax normaliser cancels and, with ΔW = W(t) − W(0),
 
-    r_IM(x, y+) − r_IM(x, y−) = β ⟨ΔW_{y+} − ΔW_{y−}, h_x⟩              (paper-spec §5, proof idea)
+    r_IM(x, y+) − r_IM(x, y−) = β ⟨ΔW_{y+} − ΔW_{y−}, h_x⟩              (docs/math.md §5, proof idea)
 
 This is what the simulator evaluates, for the loss, the gradient and the accuracies. The gradient only touches
 the rows of training tokens (a scatter-add into zeros), so the rows of unseen tokens stay bitwise equal to
 W(0), their ΔW rows are exactly 0, and the reward difference of two unseen tokens is exactly 0.0: a tie
 decided by structure, with no tolerance. (Going through `log_softmax` would leave rounding noise of ~1e-15
-that breaks the ties at random; paper-spec §5 measured 0.514 instead of 0.5 that way.) Accuracy counts ties
-as ½: acc = mean(1[r+ > r−]) + ½ mean(1[r+ = r−]) (paper-spec §1).
+that breaks the ties at random; docs/math.md §5 measured 0.514 instead of 0.5 that way.) Accuracy counts ties
+as ½: acc = mean(1[r+ > r−]) + ½ mean(1[r+ = r−]) (docs/math.md §1).
 
 **Sub-vocabularies are exact.** Reward differences, the loss, its gradient and hence every recorded number
 depend on W only through the rows of the tokens that appear in the training or evaluation triples. A
@@ -250,7 +250,7 @@ def select_seeds(problem: Theorem2Problem, index: Any) -> Theorem2Problem:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Synthetic source (paper-spec §5 "Simulation recipe")
+# Synthetic source (docs/math.md §5 "Simulation recipe")
 
 
 def synthetic_problem(
@@ -262,7 +262,7 @@ def synthetic_problem(
     token_noise: float = 0.5,
     prompt_weight: float = 0.5,
 ) -> Theorem2Problem:
-    """Draws one synthetic Theorem-2 problem (paper-spec §5 "Simulation recipe"); vmap it over keys for seeds.
+    """Draws one synthetic Theorem-2 problem (docs/math.md §5 "Simulation recipe"); vmap it over keys for seeds.
 
     V = 20 tokens: good {0,1,2} ∪ {6..12}, bad {3,4,5} ∪ {13..19}; seen tokens 0..5. A shared semantic
     direction c = semantic_norm·g/‖g‖ with g ~ N(0, I_D) (a random unit direction by default). Token parts
@@ -342,7 +342,7 @@ def _synthetic_batch(keys: jax.Array, kwargs: tuple[tuple[str, Any], ...]) -> Th
 
 
 def training_differences(problem: Theorem2Problem) -> np.ndarray:
-    """z_i = h_{x_i,y_i+} − h_{x_i,y_i−} as float64 numpy, [S?, n, D_ex] (paper-spec §5, claim 1)."""
+    """z_i = h_{x_i,y_i+} − h_{x_i,y_i−} as float64 numpy, [S?, n, D_ex] (docs/math.md §5, claim 1)."""
     hp = np.asarray(problem.h_pair, dtype=np.float64)
     tr = np.asarray(problem.train)
     if not problem.batched:
@@ -458,7 +458,7 @@ _SERIES = (
 
 @dataclass(frozen=True)
 class Theorem2Result:
-    """Everything the simulator recorded (paper-spec §5). Series are [S, G] numpy arrays over `steps`.
+    """Everything the simulator recorded (docs/math.md §5). Series are [S, G] numpy arrays over `steps`.
 
     Attributes:
       steps: [G] GD step t of each recording point (t = 0 is the initialisation).
@@ -571,7 +571,7 @@ def _log_softplus_neg(m: jax.Array) -> jax.Array:
 
 
 def _log_loss(m: jax.Array) -> jax.Array:
-    """ln L with L = mean_i softplus(−m_i), the BT loss of margins m [n] (paper-spec §1)."""
+    """ln L with L = mean_i softplus(−m_i), the BT loss of margins m [n] (docs/math.md §1)."""
     return jax.nn.logsumexp(_log_softplus_neg(m)) - jnp.log(m.shape[0])
 
 
@@ -583,14 +583,14 @@ def _descent_weights(m: jax.Array, schedule: str) -> jax.Array:
 
 
 def _accuracy(diff: jax.Array, mask: jax.Array) -> jax.Array:
-    """mean over mask of 1[d > 0] + ½·1[d = 0] (paper-spec §1); NaN for an empty mask."""
+    """mean over mask of 1[d > 0] + ½·1[d = 0] (docs/math.md §1); NaN for an empty mask."""
     score = jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0)).astype(diff.dtype)
     count = jnp.sum(mask)
     return jnp.where(count > 0, jnp.sum(jnp.where(mask, score, 0.0)) / jnp.maximum(count, 1), jnp.nan)
 
 
 def _ex_reward_diff(u: jax.Array, h_pair: jax.Array, triples: jax.Array) -> jax.Array:
-    """r_EX(x, y+) − r_EX(x, y−) = ⟨u, h_{x,y+}⟩ − ⟨u, h_{x,y−}⟩ for triples [k, 3] → [k] (paper-spec §1)."""
+    """r_EX(x, y+) − r_EX(x, y−) = ⟨u, h_{x,y+}⟩ − ⟨u, h_{x,y−}⟩ for triples [k, 3] → [k] (docs/math.md §1)."""
     x, yp, ym = triples[:, 0], triples[:, 1], triples[:, 2]
     return h_pair[x, yp] @ u - h_pair[x, ym] @ u
 
@@ -760,7 +760,7 @@ def simulate_theorem2(
 ) -> Theorem2Result:
     """Trains EX-RM and IM-RM by full-batch GD on every seed of `problem` and records Theorem 2's quantities.
 
-    Implements paper-spec §5 under Assumptions 1 and 2 (see the module docstring for the exact IM-RM reward
+    Implements docs/math.md §5 under Assumptions 1 and 2 (see the module docstring for the exact IM-RM reward
     difference, the sub-vocabulary, the seen/unseen split and the schedules).
 
     Args:

@@ -1,6 +1,6 @@
 """The decoder LM: `forward(params, tokens, attention_mask) -> hidden [B, T, D]` and `unembed(params, hidden)`.
 
-`hidden` is the final hidden state after the last norm: the vector h_{x,y<k} of paper-spec §1 that the LM head
+`hidden` is the final hidden state after the last norm: the vector h_{x,y<k} of docs/math.md §1 that the LM head
 reads (position t holds the state after reading tokens 0..t). `unembed` gives the logits W h (with Gemma 2's final
 soft-cap), so softmax(unembed(h_t)) is the next-token distribution for position t + 1.
 
@@ -56,7 +56,7 @@ def attention_masks(config: DecoderConfig, attention_mask: Int[Array, "B T"]) ->
 
 
 class Decoder(nn.Module):
-    """Embedding, L blocks, final norm (paper-spec §1: `hidden_states[-1]`).
+    """Embedding, L blocks, final norm (docs/math.md §1: `hidden_states[-1]`).
 
     `start` and `stop` run a slice of the stack: blocks start … stop − 1. `residual` (the residual stream after
     block start − 1, or the scaled embeddings for start = 0) replaces embedding the token ids; `final_norm=False`
@@ -103,7 +103,7 @@ class Decoder(nn.Module):
 
 
 def unembedding(params: Params) -> Float[Array, "V D"]:
-    """The LM head matrix W [V, D] (paper-spec §1): `lm_head/w`, or the input embedding when tied."""
+    """The LM head matrix W [V, D] (docs/math.md §1): `lm_head/w`, or the input embedding when tied."""
     if "lm_head" in params:
         return params["lm_head"]["w"]
     return params["embed"]["embedding"]
@@ -190,7 +190,7 @@ def untie(lm: LM, params: Params) -> tuple[LM, Params]:
     """An untied copy: `lm_head/w` becomes a separate copy of the input embedding.
 
     With tied weights, training "only the unembedding" also moves the input embeddings and so every hidden state;
-    paper-spec §3.2's closed form (Assumption 1) holds only for an untied head (measured-facts.md). At the time of
+    docs/math.md §3.2's closed form (Assumption 1) holds only for an untied head (docs/math.md §9). At the time of
     untying the two models compute the same function.
     """
     if not lm.config.tie_embeddings:
@@ -201,7 +201,7 @@ def untie(lm: LM, params: Params) -> tuple[LM, Params]:
 
 
 def resize_vocab(lm: LM, params: Params, new_size: int, key: Array | None = None) -> tuple[LM, Params]:
-    """Grow the vocabulary to `new_size` rows (new tokens of a default chat template, paper-spec §6).
+    """Grow the vocabulary to `new_size` rows (new tokens of a default chat template, docs/math.md §6).
 
     New rows are the mean of the existing rows (as transformers' `resize_token_embeddings` does by default), plus
     a small normal perturbation if a key is given.

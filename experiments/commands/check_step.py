@@ -2,7 +2,7 @@
 
 For each η, one real SGD (or Adam) step on the training triple(s) is taken with the trainable parameters of
 --params, the unseen rewards are re-evaluated, and the actual change is compared with the prediction of
-`rmdyn delta` (paper-spec §3: the residual is O(η²), so its log-log slope in η is 2 until float32 rounding of
+`rmdyn delta` (docs/math.md §3: the residual is O(η²), so its log-log slope in η is 2 until float32 rounding of
 r' − r takes over at small η). Prints per-η Pearson and Spearman correlations, sign agreement and the largest
 residual, and the residual's slope; writes check_step.json and check_step.png under --out.
 

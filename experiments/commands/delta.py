@@ -1,4 +1,4 @@
-"""`rmdyn delta`: predicted one-step reward change Δr of unseen pairs, EX-RM beside IM-RM (paper-spec §3).
+"""`rmdyn delta`: predicted one-step reward change Δr of unseen pairs, EX-RM beside IM-RM (docs/math.md §3).
 
 One step of SGD (or Adam's first step) on the Bradley-Terry loss of the training triple(s) moves the reward of
 an unseen pair u by Δr(u) = η · g · ⟨∇r(u), ∇r(x,y+) − ∇r(x,y−)⟩ + O(η²). `--method ntk` computes it for any
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "closed_form" and args.optimizer != "sgd":
         from dynamics.errors import ConfigError
 
-        raise ConfigError("--method closed_form is the SGD step (paper-spec §3); Adam's first step needs ntk")
+        raise ConfigError("--method closed_form is the SGD step (docs/math.md §3); Adam's first step needs ntk")
     common.check_inputs(args, "delta.json", "delta_bars.png", "delta_bars.json")
     rows, rows_from = common.training_rows(args)
     pairs, pairs_from = common.unseen_pairs(args)

@@ -1,4 +1,4 @@
-"""`rmdyn figures RUN_DIR... --out DIR`: every figure and table the given runs support (paper-spec §7).
+"""`rmdyn figures RUN_DIR... --out DIR`: every figure and table the given runs support (docs/math.md §7).
 
 Each RUN_DIR is a run directory, an experiment's output directory (`rmdyn experiment … --out`), a parent of
 several, or a Footnote-3 output (`rmdyn footnote3 --out`). What is drawn depends on what is found:
@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-#: paper-spec §6.2's Persona table (accuracy, mean over four LMs).
+#: docs/math.md §6.2's Persona table (accuracy, mean over four LMs).
 PAPER_PERSONA = {
     ("original", "train"): {"EX-RM": 1.0, "IM-RM": 1.0},
     ("original", "test"): {"EX-RM": 1.0, "IM-RM": 1.0},
@@ -70,7 +70,7 @@ def _models_note(runs: Sequence[Any]) -> str:
 
 
 def persona_table(runs: Sequence[Any], kinds: Sequence[str] | None = None, *, paper: bool = True) -> dict[str, Any]:
-    """The Persona table (paper-spec §6.2): accuracy on original / paraphrased responses × train / test prompts.
+    """The Persona table (docs/math.md §6.2): accuracy on original / paraphrased responses × train / test prompts.
 
     Args:
       runs: Persona `RunRecord`s.
@@ -95,7 +95,7 @@ def persona_table(runs: Sequence[Any], kinds: Sequence[str] | None = None, *, pa
         rows.append(row)
     used = [r for rs in groups.values() for r in rs]
     return {
-        "title": "Persona: accuracy on original and paraphrased responses (paper-spec §6.2)",
+        "title": "Persona: accuracy on original and paraphrased responses (docs/math.md §6.2)",
         "row_label": "responses / prompts",
         "columns": columns + (["paper EX-RM", "paper IM-RM"] if paper else []),
         "rows": rows,
@@ -106,7 +106,7 @@ def persona_table(runs: Sequence[Any], kinds: Sequence[str] | None = None, *, pa
 
 
 def hamiltonian_table_data(runs: Sequence[Any]) -> dict[str, Any]:
-    """The Hamiltonian table (paper-spec §6.1) with the paper's numbers beside; a column per reward type."""
+    """The Hamiltonian table (docs/math.md §6.1) with the paper's numbers beside; a column per reward type."""
     from experiments.hamiltonian import TABLE_ROWS, hamiltonian_table
     from experiments.run_records import REWARD_LABELS
 
@@ -117,7 +117,7 @@ def hamiltonian_table_data(runs: Sequence[Any]) -> dict[str, Any]:
         }
     table = hamiltonian_table(finals)
     return {
-        "title": "Hamiltonian cycles: verification accuracy and correct generations (paper-spec §6.1)",
+        "title": "Hamiltonian cycles: verification accuracy and correct generations (docs/math.md §6.1)",
         "row_label": "metric",
         "columns": table["columns"],
         "rows": table["rows"],
@@ -182,7 +182,7 @@ def ultrafeedback_outputs(runs: Sequence[Any]) -> dict[str, dict[str, Any]]:
         main = [{"label": r.label, "metrics": report["per_set"][r.path]} for r in mine if r.reward in ("ex", "im")]
         agg = aggregate_table(main, categories, paper=paper)
         aggregate = {
-            "title": f"{prefix}: mean accuracy and normalized margin per category (paper-spec §6.3)",
+            "title": f"{prefix}: mean accuracy and normalized margin per category (docs/math.md §6.3)",
             "row_label": "category", **agg, "notes": notes,
         }  # fmt: skip
         summary_rows = []
@@ -202,7 +202,7 @@ def ultrafeedback_outputs(runs: Sequence[Any]) -> dict[str, dict[str, Any]]:
         if kinds - {"ex", "im"}:
             every = [{"label": r.label, "metrics": report["per_set"][r.path]} for r in mine]
             ablations = {
-                "title": f"{prefix} ablations (paper-spec §6.4): accuracy and normalized margin per category",
+                "title": f"{prefix} ablations (docs/math.md §6.4): accuracy and normalized margin per category",
                 "row_label": "category", **aggregate_table(every, categories, paper=False), "notes": notes,
             }  # fmt: skip
         figure2 = {
@@ -219,7 +219,7 @@ def ultrafeedback_outputs(runs: Sequence[Any]) -> dict[str, dict[str, Any]]:
 
 
 def footnote3_table(path: str, data: Mapping[str, Any]) -> dict[str, Any]:
-    """The Footnote-3 statistics (paper-spec §6.2) as a table: one row per statistic."""
+    """The Footnote-3 statistics (docs/math.md §6.2) as a table: one row per statistic."""
     from experiments.footnote3 import STAT_NAMES
 
     rows = [{"quantity": name, **{s: stats[s] for s in STAT_NAMES}} for name, stats in data["statistics"].items()]
@@ -281,7 +281,7 @@ def make_figures(paths: Sequence[str], out: str | Path) -> list[Path]:
             table("persona_table", persona_table(persona, ("ex", "im")), paths_p)
         if {r.reward for r in persona} - {"ex", "im"}:
             data = persona_table(persona, None, paper=False)
-            data["title"] = "Persona ablations (paper-spec §6.4-6.5): accuracy by reward type"
+            data["title"] = "Persona ablations (docs/math.md §6.4-6.5): accuracy by reward type"
             table("persona_ablations", data, paths_p)
         panels = ["original/train", "original/test", "paraphrased/train", "paraphrased/test"]
         figure(

@@ -1,4 +1,4 @@
-"""`rmdyn footnote3`: Footnote 3's max-margin check on the pre-trained model (paper-spec §6.2).
+"""`rmdyn footnote3`: Footnote 3's max-margin check on the pre-trained model (docs/math.md §6.2).
 
 Seen differences z_i = h_{x_i,y_i+} − h_{x_i,y_i−} on the 80 Persona training prompts, the paraphrase differences
 for the 4 (yes-word, no-word) combinations on the training and the test prompts, the max-margin direction u*

@@ -1,4 +1,4 @@
-"""`rmdyn rho`: the IM-RM's token-level coefficients ρ_{k,l} for one unseen pair (paper-spec §3.2, Eq. (5)).
+"""`rmdyn rho`: the IM-RM's token-level coefficients ρ_{k,l} for one unseen pair (docs/math.md §3.2, Eq. (5)).
 
 Under Assumption 1 (only the untied unembedding trains) one SGD step on the triple (x, y+, y−) changes the IM-RM
 reward of an unseen pair (x̄, ȳ) by η β² g [Σ_k Σ_l ⟨h_{x̄,ȳ<k}, h_{x,y+<l}⟩ ρ_{k,l}(y+) − (same for y−)], with
@@ -6,7 +6,7 @@ reward of an unseen pair (x̄, ȳ) by η β² g [Σ_k Σ_l ⟨h_{x̄,ȳ<k}, h_{x
 product for y+ and y−) and rho.json under --out and prints the double sums and the largest contributions.
 
 The chat template's closing tokens (SmolLM2: `<|im_end|>` and a newline) end every response, so they are always
-"matching tokens" with ρ ≥ 0 and dominate the sums (measured-facts.md); --exclude-closing leaves them out.
+"matching tokens" with ρ ≥ 0 and dominate the sums (docs/math.md §9); --exclude-closing leaves them out.
 
 Examples:
   rmdyn rho                                    # Persona triple, ȳ = "My response would be certainly"

@@ -1,7 +1,7 @@
-"""`rmdyn theorem1`: Theorem 1's verifier construction and its generation bound (paper-spec §4).
+"""`rmdyn theorem1`: Theorem 1's verifier construction and its generation bound (docs/math.md §4).
 
 Prints the construction π ∝ π_ref·exp((δ/β)·1[y ∈ C]) on a random instance and on the Hamiltonian-cycle
-setting of paper-spec §6.1 (a uniform π_ref over the 10! vertex orderings of a 10-vertex graph, of which
+setting of docs/math.md §6.1 (a uniform π_ref over the 10! vertex orderings of a 10-vertex graph, of which
 the 20 orderings of the planted cycle are correct), for β = 0.01 and several margins δ.
 """
 
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from theory.theorem1 import construction_from_counts, verifier_construction
 
     report: dict[str, Any] = {"beta": beta, "deltas": deltas, "random": [], "hamiltonian": []}
-    print("Theorem 1 (paper-spec §4): π(y|x) ∝ π_ref(y|x)·exp((δ/β)·1[y ∈ C(x)]), IM-RM r = β ln π/π_ref")
+    print("Theorem 1 (docs/math.md §4): π(y|x) ∝ π_ref(y|x)·exp((δ/β)·1[y ∈ C(x)]), IM-RM r = β ln π/π_ref")
     print(f"β = {beta}; bound π(C) ≤ e^(δ/β)·π_ref(C); odds ratio = e^(δ/β) exactly; logs are natural\n")
 
     ref, correct = _random_instance(args.prompts, args.responses, args.seed)
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--vertices must be >= 3 (a Hamiltonian cycle needs 3 vertices), got {n}")
     n_total, n_correct = math.factorial(n), 2 * n
     print(
-        f"\nHamiltonian cycles (paper-spec §6.1): N = {n}, uniform π_ref over {n}! = {n_total:,} orderings, "
+        f"\nHamiltonian cycles (docs/math.md §6.1): N = {n}, uniform π_ref over {n}! = {n_total:,} orderings, "
         f"|C| = {n_correct} (the planted cycle: {n} rotations × 2 directions)"
     )
     enumerate_all = n_total <= 10_000_000

@@ -1,10 +1,10 @@
-"""`rmdyn theorem2`: the single-token simulation of Theorem 2 (paper-spec §5).
+"""`rmdyn theorem2`: the single-token simulation of Theorem 2 (docs/math.md §5).
 
 Trains an EX-RM head u and an IM-RM unembedding W by full-batch gradient descent on fixed representations and
 records cos(u(t), u*) and the accuracies on pairs of unseen tokens, for many seeds at once (jit + vmap).
 Writes theorem2.png and theorem2.json (every recorded number) under --out.
 
-Sources: `synthetic` (paper-spec §5 "Simulation recipe") or `model` (SmolLM2's hidden states and unembedding on
+Sources: `synthetic` (docs/math.md §5 "Simulation recipe") or `model` (SmolLM2's hidden states and unembedding on
 Persona prompts with one-token answers: experiments.theorem2_model).
 """
 
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     t3 = time.perf_counter()
 
     print(
-        f"Theorem 2 simulation (paper-spec §5): source {args.source}, {problem.n_seeds} seeds, "
+        f"Theorem 2 simulation (docs/math.md §5): source {args.source}, {problem.n_seeds} seeds, "
         f"{config.n_steps} {config.schedule} GD steps, η = {config.lr}, IM-RM η = {config.resolved_im_lr:g}, "
         f"β = {config.beta}, {config.method} method, {config.dtype}"
     )
