@@ -8,8 +8,9 @@ For one step θ' = θ + Δθ on the batch-mean Bradley-Terry loss of B triples (
 restricted to the trainable parameters. With Adam (its first step, m = g, v = g²) Δθ is Adam's update and
 Δr ≈ ⟨∇r(u), Δθ⟩. Two implementations behind one switch (docs/math.md §3):
 
-- `closed_form`, Assumption 1 only: EX-RM with the head trained, K(u, v) = ⟨h_u, h_v⟩ (arXiv 2507.07981 Eq. (4); docs/math.md §3.1);
-  IM-RM with the (untied) unembedding trained, K(u, v) = β² Σ_k Σ_l ⟨h_{x̄,ȳ<k}, h_{x,v<l}⟩ ρ_{k,l}(v) (Eq. (5)).
+- `closed_form`, Assumption 1 only: EX-RM with the head trained, K(u, v) = ⟨h_u, h_v⟩ (arXiv 2507.07981 Eq. (4);
+  docs/math.md §3.1); IM-RM with the (untied) unembedding trained,
+  K(u, v) = β² Σ_k Σ_l ⟨h_{x̄,ȳ<k}, h_{x,v<l}⟩ ρ_{k,l}(v) (Eq. (5)).
 - `ntk`, any mask: one VJP gives the update direction (and, to decompose Δr into kernel terms, one VJP per training
   response); the unseen rewards' JVPs along those directions, vmapped over the directions and chunked over the
   unseen pairs, give Δr and K. No per-example gradient of an unseen pair is ever formed.
@@ -33,6 +34,7 @@ import optax
 from dynamics.errors import ConfigError, DataError
 from dynamics.masks import combine, count_selected, partition, prepare, trainable_mask
 from dynamics.models import unembedding
+from dynamics.reward_types import reward_label
 from dynamics.rewards import ExplicitRM, GenerativeRM, ImplicitRM, RewardModel, bt_loss, bt_weight
 from dynamics.text import PairBatch, PreferenceBatch
 
@@ -102,12 +104,14 @@ class DeltaResult:
 
 
 def reward_name(rm: RewardModel) -> str:
-    """ "EX-RM", "EX-RM (mean)", "IM-RM", "IM-RM (no ref)", "EX-GRM"."""
+    """The registry label of a reward model ("EX-RM", "EX-RM (mean)", "IM-RM", "IM-RM (no ref)", "EX-GRM")."""
     if isinstance(rm, ExplicitRM):
-        return "EX-RM" if rm.pooling == "last" else "EX-RM (mean)"
-    if isinstance(rm, ImplicitRM):
-        return "IM-RM (no ref)" if rm.reference_free else "IM-RM"
-    return "EX-GRM"
+        kind = "ex" if rm.pooling == "last" else "ex-mean"
+    elif isinstance(rm, ImplicitRM):
+        kind = "im-noref" if rm.reference_free else "im"
+    else:
+        kind = "exgrm"
+    return reward_label(kind)
 
 
 def strip(batch):

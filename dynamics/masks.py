@@ -22,13 +22,12 @@ from typing import Any
 import jax
 
 from dynamics.errors import ConfigError
+from dynamics.mask_spec import check_spec
 from dynamics.models import untie
 from dynamics.rewards import ExplicitRM, GenerativeRM, ImplicitRM, RewardModel
 
 Params = dict[str, Any]
 Mask = Any  # a pytree of bools with the structure of the parameters
-
-SPEC_HELP = "head | unembed | output | last:K | all | re:PATTERN"
 
 
 def leaf_paths(params: Params) -> list[str]:
@@ -48,37 +47,6 @@ def _untie_rm(rm: RewardModel, params: Params) -> tuple[RewardModel, Params]:
     if "ref" in params:
         new["ref"] = untie(rm.lm, params["ref"])[1]
     return dataclasses.replace(rm, lm=lm), new
-
-
-def check_spec(spec: str) -> str:
-    """The spec, stripped, if it has one of the forms of `SPEC_HELP` (no model needed: `output` stays `output`).
-
-    Raises:
-      ConfigError: not a string, an unknown form, a K that is not a positive integer, or a PATTERN that is not a
-        regular expression (the message shows the pattern and `re`'s reason).
-    """
-    if not isinstance(spec, str):
-        raise ConfigError(f"parameter selection must be a string ({SPEC_HELP}), got {spec!r}")
-    spec = spec.strip()
-    if spec in ("head", "unembed", "output", "all"):
-        return spec
-    if spec.startswith("re:"):
-        pattern = spec[3:]
-        if not pattern:
-            raise ConfigError(f"parameter selection {spec!r}: the pattern after re: is empty")
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ConfigError(
-                f"parameter selection {spec!r}: pattern {pattern!r} is not a valid regular expression ({err})"
-            ) from None
-        return spec
-    if spec.startswith("last:"):
-        k = spec.split(":", 1)[1]
-        if not (k.isascii() and k.isdigit() and int(k) >= 1):
-            raise ConfigError(f"parameter selection {spec!r}: K in last:K must be a positive integer, got {k!r}")
-        return spec
-    raise ConfigError(f"unknown parameter selection {spec!r}; expected {SPEC_HELP}")
 
 
 def normalize_spec(rm: RewardModel, spec: str) -> str:

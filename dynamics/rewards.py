@@ -24,6 +24,7 @@ from jaxtyping import Array, Float, Int
 from dynamics.defaults import DEFAULT_BETA, HEAD_INIT_STD
 from dynamics.errors import ConfigError
 from dynamics.models import LM, Params
+from dynamics.reward_types import reward_type
 from dynamics.text import ExgrmBatch, PairBatch, last_token_index
 
 
@@ -191,15 +192,25 @@ def bt_weight(r_chosen: Float[Array, " B"], r_rejected: Float[Array, " B"]) -> F
 
 
 def make_reward_model(kind: str, lm: LM, **options: Any) -> RewardModel:
-    """ "ex" / "ex-mean" / "im" / "im-noref" → the reward model with those options (β, pooling)."""
-    if kind == "ex":
-        return ExplicitRM(lm, pooling=options.get("pooling", "last"))
-    if kind == "ex-mean":
-        return ExplicitRM(lm, pooling="mean")
-    if kind == "im":
-        return ImplicitRM(
-            lm, beta=options.get("beta", DEFAULT_BETA), reference_free=options.get("reference_free", False)
-        )
-    if kind == "im-noref":
-        return ImplicitRM(lm, beta=options.get("beta", DEFAULT_BETA), reference_free=True)
-    raise ConfigError(f"unknown reward type {kind!r}; expected one of ex, ex-mean, im, im-noref")
+    """The reward model of a registered kind (`dynamics.reward_types`), e.g. "ex", "ex-mean", "im", "im-noref".
+
+    Args:
+      kind: the reward type; the options it fixes (ex-mean: pooling="mean"; im-noref: reference_free=True)
+        take precedence over `options`.
+      lm: the language model.
+      **options: constructor options (`beta`, `pooling`, `reference_free`; `yes_id`, `no_id` for "exgrm");
+        options the model does not take are ignored, so one call site can pass β to every kind.
+
+    Returns:
+      an `ExplicitRM`, `ImplicitRM` or `GenerativeRM`.
+    """
+    rtype = reward_type(kind)
+    cls = _MODEL_CLASSES[rtype.model]
+    accepted = {f.name for f in dataclasses.fields(cls) if f.init} - {"lm"}
+    merged = {k: v for k, v in {**options, **rtype.options}.items() if k in accepted}
+    if cls is GenerativeRM and not {"yes_id", "no_id"} <= merged.keys():
+        raise ConfigError(f"reward type {kind!r} needs yes_id and no_id (dynamics.text.exgrm_answer_ids)")
+    return cls(lm, **merged)
+
+
+_MODEL_CLASSES = {"ExplicitRM": ExplicitRM, "ImplicitRM": ImplicitRM, "GenerativeRM": GenerativeRM}

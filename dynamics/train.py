@@ -155,17 +155,14 @@ def build_reward_model(
     Returns:
       (reward model, parameters, normalized spec).
     """
-    if config.reward == "exgrm":
-        if answer_ids is None:
-            raise ConfigError("reward='exgrm' needs answer_ids=(yes_id, no_id) (dynamics.text.exgrm_answer_ids)")
-        rm: RewardModel = GenerativeRM(lm, *answer_ids)
-        params = rm.init(lm_params)
+    if config.reward == "exgrm" and answer_ids is None:
+        raise ConfigError("reward='exgrm' needs answer_ids=(yes_id, no_id) (dynamics.text.exgrm_answer_ids)")
+    yes_no = dict(zip(("yes_id", "no_id"), answer_ids or (), strict=False))
+    rm = make_reward_model(config.reward, lm, beta=config.beta, **yes_no)
+    if isinstance(rm, ExplicitRM):
+        params = rm.init(lm_params, seed=config.head_seed, std=config.head_init_std)
     else:
-        rm = make_reward_model(config.reward, lm, beta=config.beta)
-        if isinstance(rm, ExplicitRM):
-            params = rm.init(lm_params, seed=config.head_seed, std=config.head_init_std)
-        else:
-            params = rm.init(lm_params)
+        params = rm.init(lm_params)
     return prepare(rm, params, config.params)
 
 

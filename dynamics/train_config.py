@@ -12,10 +12,11 @@ from typing import Any
 
 from dynamics.defaults import DEFAULT_BETA, HEAD_INIT_STD
 from dynamics.errors import ConfigError
+from dynamics.reward_types import REWARD_TYPES
 
 __all__ = ["OPTIMIZERS", "PARAM_SHARDINGS", "REWARD_KINDS", "TrainConfig"]
 
-REWARD_KINDS = ("ex", "ex-mean", "im", "im-noref", "exgrm")
+REWARD_KINDS = tuple(REWARD_TYPES)  # the registered reward types (dynamics.reward_types)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PARAM_SHARDINGS = ("replicate", "fsdp")
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
+from dynamics.reward_types import reward_label
 from experiments.config import MODEL_KEYS, run_mesh, train_config, validate_training_keys
 
 __all__ = [
@@ -627,9 +628,6 @@ def run(
     return result
 
 
-REWARD_LABELS = {"ex": "EX-RM", "ex-mean": "EX-RM (mean)", "im": "IM-RM", "im-noref": "IM-RM (no ref)"}
-
-
 def hamiltonian_table(final_evals: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     """The paper's Hamiltonian table (docs/math.md §6.1): one column per run, and the paper's numbers beside.
 
@@ -657,7 +655,7 @@ def table(plan: Any, finals: Mapping[str, Mapping[str, float]]) -> dict[str, Any
     columns = {}
     for spec in plan.runs():
         if spec.name in finals:
-            label = REWARD_LABELS.get(spec.values["reward"], spec.name) if only_reward else spec.name
+            label = reward_label(spec.values["reward"]) if only_reward else spec.name
             columns[label] = finals[spec.name]
     return hamiltonian_table(columns)
 

@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
+from dynamics.reward_types import reward_label
 from experiments.config import MODEL_KEYS, run_mesh, train_config, validate_training_keys
 
 __all__ = [
-    "REWARD_LABELS",
     "format_table",
     "table",
     "PERSONA_KEYS",
@@ -351,21 +351,12 @@ def run(
     )
 
 
-REWARD_LABELS = {
-    "ex": "EX-RM",
-    "ex-mean": "EX-RM (mean)",
-    "im": "IM-RM",
-    "im-noref": "IM-RM (no ref)",
-    "exgrm": "EX-GRM",
-}
-
-
 def table(plan: Any, finals: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
     """The Persona table of a plan's runs: a column per run, labelled by its reward type when only that varies."""
     only_reward = [a for a, v in plan.grid.items() if len(v) > 1] in (["reward"], [])  # [] : a collapsed grid
     columns = {}
     for spec in plan.runs():
         if spec.name in finals:
-            label = REWARD_LABELS.get(spec.values["reward"], spec.name) if only_reward else spec.name
+            label = reward_label(spec.values["reward"]) if only_reward else spec.name
             columns[label] = finals[spec.name]
     return persona_table(columns)

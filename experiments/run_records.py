@@ -19,16 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from dynamics.errors import DataError
+from dynamics.reward_types import reward_label
 
-__all__ = ["REWARD_LABELS", "RunRecord", "find_outputs", "read_run"]
+__all__ = ["RunRecord", "find_outputs", "read_run"]
 
-REWARD_LABELS = {
-    "ex": "EX-RM",
-    "ex-mean": "EX-RM (mean)",
-    "im": "IM-RM",
-    "im-noref": "IM-RM (no ref)",
-    "exgrm": "EX-GRM",
-}
 _MAX_DEPTH = 4
 
 
@@ -59,7 +53,7 @@ class RunRecord:
     @property
     def label(self) -> str:
         """ "EX-RM", "IM-RM", …"""
-        return REWARD_LABELS.get(self.reward, self.reward)
+        return reward_label(self.reward)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
+from dynamics.reward_types import reward_label, reward_type
 from experiments.config import MODEL_KEYS, run_mesh, train_config, validate_training_keys
 
 __all__ = [
@@ -124,15 +125,6 @@ PAPER_AGGREGATE = {
 }
 #: Slack of the tie comparison: accuracies are fractions k/n, and 0.51 − 0.5 is 0.010000000000000009 in floats.
 _ROUNDING = 1e-12
-REWARD_LABELS = {
-    "ex": "EX-RM",
-    "ex-mean": "EX-RM (mean)",
-    "im": "IM-RM",
-    "im-noref": "IM-RM (no ref)",
-    "exgrm": "EX-GRM",
-}
-EXPLICIT_KINDS = ("ex", "ex-mean", "exgrm")
-IMPLICIT_KINDS = ("im", "im-noref")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -395,13 +387,13 @@ def ultrafeedback_report(
     for r in runs:
         metrics = {s: set_metrics(r["final_eval"], s) for s in sets if f"{s}/rewards/accuracies" in r["final_eval"]}
         per_set[r["name"]] = metrics
-        records.append({**r, "label": REWARD_LABELS.get(r["reward"], r["reward"]), "metrics": metrics})
+        records.append({**r, "label": reward_label(r["reward"]), "metrics": metrics})
     comparisons: list[SetComparison] = []
     groups = dict.fromkeys(r["group"] for r in records)
     for group in groups:
         mine = [r for r in records if r["group"] == group]
         for e, i in itertools.product(mine, mine):
-            if e["reward"] in EXPLICIT_KINDS and i["reward"] in IMPLICIT_KINDS:
+            if reward_type(e["reward"]).explicit and reward_type(i["reward"]).implicit:
                 comparisons += compare_sets(
                     e["metrics"], i["metrics"], categories, rule, labels=(e["label"], i["label"]), group=group
                 )

@@ -10,16 +10,16 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
+
+# dynamics.mask_spec.SPEC_HELP, spelled out so that building the parser imports nothing from dynamics (a test
+# checks that the two agree)
+PARAMS_HELP = "head | unembed | output | last:K | all | re:PATTERN"
 
 DEFAULT_LR = 1e-3  # all-parameter SGD on SmolLM2-135M: |Δr_EX| ≈ 0.01–0.2, |Δr_IM| ≈ 1e-4–3e-3 (β·nats): first order
 DEFAULT_BETA = 0.01
 REWARD_CHOICES = ("ex", "im", "both")
-REWARD_NAMES = {"ex": "EX-RM", "im": "IM-RM"}
-PARAMS_HELP = "head | unembed | output | last:K | all | re:PATTERN"
-_SPEC = re.compile(r"^(head|unembed|output|all|last:\d+|re:.+)$")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,22 +135,13 @@ def resolve_params(spec: str | None, kinds: Sequence[str], method: str = "ntk") 
         expression, head for an IM-RM, unembed for an EX-RM, or closed_form with a spec other than output.
     """
     from dynamics.errors import ConfigError
+    from dynamics.mask_spec import check_spec
 
-    spec = (spec or ("output" if method == "closed_form" else "all")).strip()
+    try:
+        spec = check_spec(spec or ("output" if method == "closed_form" else "all"))
+    except ConfigError as err:
+        raise ConfigError(f"--params: {err}") from None
     what = f"parameter selection {spec!r}"
-    if spec.startswith("last:") and not _SPEC.match(spec):
-        raise ConfigError(f"--params: {what}: K in last:K must be a positive integer, got {spec[5:]!r}")
-    if not _SPEC.match(spec):
-        raise ConfigError(f"--params: unknown parameter selection {spec!r}; expected {PARAMS_HELP}")
-    if spec.startswith("last:") and int(spec[5:]) < 1:
-        raise ConfigError(f"--params: {what}: K in last:K must be a positive integer, got {spec[5:]!r}")
-    if spec.startswith("re:"):
-        try:
-            re.compile(spec[3:])
-        except re.error as err:
-            raise ConfigError(
-                f"--params: {what}: pattern {spec[3:]!r} is not a valid regular expression ({err})"
-            ) from None
     if spec == "head" and "im" in kinds:
         raise ConfigError(f"--params: {what}: the IM-RM has no head (use output: head for EX-RM, unembed for IM-RM)")
     if spec == "unembed" and "ex" in kinds:
@@ -324,12 +315,11 @@ def load_model(args: argparse.Namespace) -> Any:
 
 def reward_model(kind: str, loaded: Any, *, beta: float = DEFAULT_BETA, seed: int = 0) -> tuple[Any, Any]:
     """(reward model, params) of kind "ex" (head u ~ N(0, 0.02²) from `seed`) or "im" (π_ref = the model)."""
-    from dynamics.rewards import ExplicitRM, ImplicitRM
+    from dynamics.rewards import ExplicitRM, make_reward_model
 
-    if kind == "ex":
-        rm = ExplicitRM(loaded.lm)
+    rm = make_reward_model(kind, loaded.lm, beta=beta)
+    if isinstance(rm, ExplicitRM):
         return rm, rm.init(loaded.params, seed)
-    rm = ImplicitRM(loaded.lm, beta=beta)
     return rm, rm.init(loaded.params)
 
 

@@ -62,6 +62,8 @@ def stats_lines(name: str, result: Any) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Validates the options, runs `check_step` per reward type, prints the statistics, writes JSON + figure."""
+    from dynamics.reward_types import reward_label
+
     kinds = common.reward_kinds(args.reward)
     spec = common.resolve_params(args.params, kinds)
     lrs = common.parse_lrs(args.lrs)
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     for kind in kinds:  # --params against the loaded model, for every reward type before any computing
         common.check_params_on_model(*common.reward_model(kind, loaded, beta=args.beta, seed=args.seed), spec)
     for kind in kinds:
-        name = common.REWARD_NAMES[kind]
+        name = reward_label(kind)
         rm, params = common.reward_model(kind, loaded, beta=args.beta, seed=args.seed)
         t1 = time.perf_counter()
         results[name] = check_step(

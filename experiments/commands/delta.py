@@ -64,6 +64,8 @@ def table(results: dict[str, Any], pairs: list[Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Validates the options, computes Δr per reward type, prints the table, writes JSON + figure."""
+    from dynamics.reward_types import reward_label
+
     kinds = common.reward_kinds(args.reward)
     spec = common.resolve_params(args.params, kinds, args.method)
     lr = common.check_positive(args.lr, "--lr")
@@ -95,13 +97,13 @@ def run(args: argparse.Namespace) -> int:
     for kind in kinds:
         rm, params = common.reward_model(kind, loaded, beta=args.beta, seed=args.seed)
         t1 = time.perf_counter()
-        results[common.REWARD_NAMES[kind]] = delta_reward(
+        results[reward_label(kind)] = delta_reward(
             rm, params, train, unseen, params_spec=spec, lr=lr, optimizer=args.optimizer, method=args.method,
             chunk_size=chunk, progress=True,
         )  # fmt: skip
-        r = results[common.REWARD_NAMES[kind]]
+        r = results[reward_label(kind)]
         print(
-            f"  {common.REWARD_NAMES[kind]}: {time.perf_counter() - t1:.1f} s, {r.meta['n_trained']:,} trained "
+            f"  {reward_label(kind)}: {time.perf_counter() - t1:.1f} s, {r.meta['n_trained']:,} trained "
             f"parameters, training rewards r+ {r.train_chosen_reward.round(4).tolist()}, "
             f"r− {r.train_rejected_reward.round(4).tolist()}, g {r.bt_weight.round(4).tolist()}"
         )

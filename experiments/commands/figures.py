@@ -32,7 +32,6 @@ PAPER_PERSONA = {
     ("paraphrased", "train"): {"EX-RM": 1.0, "IM-RM": 0.022},
     ("paraphrased", "test"): {"EX-RM": 1.0, "IM-RM": 0.019},
 }
-_KIND_ORDER = ("ex", "ex-mean", "exgrm", "im", "im-noref")
 _UF_PREFIX = {"ultrafeedback_original": "ultrafeedback", "rewardmath": "rewardmath"}
 
 
@@ -60,7 +59,10 @@ def _mean(values: Sequence[Any]) -> float | None:
 
 
 def _by_kind(runs: Sequence[Any]) -> dict[str, list[Any]]:
-    kinds = sorted({r.reward for r in runs}, key=lambda k: (_KIND_ORDER.index(k) if k in _KIND_ORDER else 99, k))
+    from dynamics.reward_types import explicit_kinds, implicit_kinds
+
+    kind_order = explicit_kinds() + implicit_kinds()
+    kinds = sorted({r.reward for r in runs}, key=lambda k: (kind_order.index(k) if k in kind_order else 99, k))
     return {k: [r for r in runs if r.reward == k] for k in kinds}
 
 
@@ -80,10 +82,10 @@ def persona_table(runs: Sequence[Any], kinds: Sequence[str] | None = None, *, pa
     Returns:
       A table mapping for `figures.tables.table_figure`.
     """
-    from experiments.run_records import REWARD_LABELS
+    from dynamics.reward_types import reward_label
 
     groups = {k: v for k, v in _by_kind(runs).items() if kinds is None or k in kinds}
-    columns = [REWARD_LABELS.get(k, k) for k in groups]
+    columns = [reward_label(k) for k in groups]
     rows = []
     for (responses, prompts), numbers in PAPER_PERSONA.items():
         row: dict[str, Any] = {"responses / prompts": f"{responses.capitalize()} / {prompts}"}
@@ -107,14 +109,12 @@ def persona_table(runs: Sequence[Any], kinds: Sequence[str] | None = None, *, pa
 
 def hamiltonian_table_data(runs: Sequence[Any]) -> dict[str, Any]:
     """The Hamiltonian table (docs/math.md §6.1) with the paper's numbers beside; a column per reward type."""
+    from dynamics.reward_types import reward_label
     from experiments.hamiltonian import TABLE_ROWS, hamiltonian_table
-    from experiments.run_records import REWARD_LABELS
 
     finals = {}
     for kind, rs in _by_kind(runs).items():
-        finals[REWARD_LABELS.get(kind, kind)] = {
-            key: _mean([r.final_eval.get(key) for r in rs]) for key, _ in TABLE_ROWS
-        }
+        finals[reward_label(kind)] = {key: _mean([r.final_eval.get(key) for r in rs]) for key, _ in TABLE_ROWS}
     table = hamiltonian_table(finals)
     return {
         "title": "Hamiltonian cycles: verification accuracy and correct generations (docs/math.md §6.1)",
