@@ -93,12 +93,12 @@ class DeltaResult:
             "kernel_rejected": self.kernel_rejected,
             "meta": self.meta,
         }
-        from dynamics.io import jsonable
+        from dynamics.outputs import jsonable
 
         return jsonable(d)
 
     def to_json(self, path: str) -> str:
-        from dynamics.io import write_json_atomic
+        from dynamics.outputs import write_json_atomic
 
         return str(write_json_atomic(path, self.to_dict()))
 

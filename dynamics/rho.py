@@ -265,7 +265,7 @@ class RhoResult:
 
     def to_json(self, path: str) -> str:
         """Write `to_dict()` atomically; returns the path."""
-        from dynamics.io import jsonable, write_json_atomic
+        from dynamics.outputs import jsonable, write_json_atomic
 
         return str(write_json_atomic(path, jsonable(self.to_dict())))
 

@@ -137,7 +137,7 @@ class StepCheckResult:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        from dynamics.io import jsonable
+        from dynamics.outputs import jsonable
 
         return jsonable(
             {
@@ -152,7 +152,7 @@ class StepCheckResult:
         )
 
     def to_json(self, path: str) -> str:
-        from dynamics.io import write_json_atomic
+        from dynamics.outputs import write_json_atomic
 
         return str(write_json_atomic(path, self.to_dict()))
 

@@ -62,11 +62,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
-from dynamics.io import _UMASK, atomic_write_text, write_json_atomic
-from dynamics.io import jsonable as _jsonable
 from dynamics.masks import combine, count_selected, leaf_paths, partition, prepare, trainable_mask
 from dynamics.metrics import PreferenceMetrics, preference_metrics
 from dynamics.models import LM, Params
+from dynamics.outputs import atomic_write_text, permissions, write_json_atomic
+from dynamics.outputs import jsonable as _jsonable
 from dynamics.packing import pack_pairs, packed_attention_mask, worth_packing
 from dynamics.rewards import (
     ExplicitRM,
@@ -85,7 +85,6 @@ __all__ = [
     "StepInfo",
     "TrainConfig",
     "TrainResult",
-    "atomic_write_json",
     "atomic_write_text",
     "batch_plan",
     "bucket_length",
@@ -779,9 +778,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------------------
 
 
-atomic_write_json = write_json_atomic
-
-
 def _key_str(k: Any) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):
@@ -844,18 +840,18 @@ def save_checkpoint(run_dir: Path, state: Mapping[str, Any], meta: Mapping[str, 
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
     try:
-        os.chmod(tmp, 0o777 & ~_UMASK)
+        os.chmod(tmp, permissions(0o777))
         save_file(
             {k: np.ascontiguousarray(np.asarray(v)) for k, v in _flat(state).items()}, str(tmp / "state.safetensors")
         )
-        atomic_write_json(tmp / "meta.json", meta)
+        write_json_atomic(tmp / "meta.json", meta)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_json(root / "latest.json", {"checkpoint": name, "step": int(meta["step"])})
+    write_json_atomic(root / "latest.json", {"checkpoint": name, "step": int(meta["step"])})
     for old in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))[:-keep]:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
@@ -1167,7 +1163,7 @@ def train(
             log_path.unlink()
         if (run_path / "summary.json").exists() and loaded is None:
             (run_path / "summary.json").unlink()
-        atomic_write_json(run_path / "config.json", record)
+        write_json_atomic(run_path / "config.json", record)
 
     t_pre = time.perf_counter()
     if start > 0:  # blocks below `start` never change: run them once per row
@@ -1337,7 +1333,7 @@ def train(
         params=full_params(),
     )
     if run_path is not None:
-        atomic_write_json(run_path / "summary.json", result.to_dict())
+        write_json_atomic(run_path / "summary.json", result.to_dict())
     return result
 
 

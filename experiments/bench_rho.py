@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         import os
 
-        from dynamics.io import write_json_atomic
+        from dynamics.outputs import write_json_atomic
 
         path = write_json_atomic(os.path.join(args.out, "bench_rho.json"), res)
         print(f"wrote {path}")

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "out", None):
         import os
 
-        from dynamics.io import write_json_atomic
+        from dynamics.outputs import write_json_atomic
 
         print(f"wrote {write_json_atomic(os.path.join(args.out, 'bench_theorem2.json'), r)}")
     return 0

@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  over torch in micro-batches of rmdyn's pass size ({res['torch_passes']['micro_batch']} pairs): "
               f"{res['ratio_passes']:.2f}×")  # fmt: skip
     if args.out:
-        from dynamics.io import write_json_atomic
+        from dynamics.outputs import write_json_atomic
 
         print(f"wrote {write_json_atomic(os.path.join(args.out, 'bench_train.json'), res)}")
     return 0

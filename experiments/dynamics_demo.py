@@ -284,7 +284,7 @@ def run_demo(
       {"results": {series: DeltaResult}, "pairs", "rho", "rho_excluded", "summary", "timing_s", "files"}.
     """
     from dynamics.delta import delta_reward
-    from dynamics.io import jsonable, write_json_atomic
+    from dynamics.outputs import jsonable, write_json_atomic
     from dynamics.rho import rho_analysis
     from experiments.commands._dynamics import encode, reward_model
     from figures.delta_bars import delta_bars_figure

@@ -127,7 +127,7 @@ class Footnote3Result:
         }
 
     def to_json(self) -> str:
-        from dynamics.io import jsonable
+        from dynamics.outputs import jsonable
 
         return json.dumps(jsonable(self.to_dict()), indent=1, allow_nan=False)
 
@@ -257,6 +257,6 @@ def format_statistics(result: Footnote3Result | Mapping[str, Any]) -> str:
 
 def write(result: Footnote3Result, out_dir: str | Path) -> Path:
     """Writes footnote3.json into `out_dir`; returns its path."""
-    from dynamics.io import write_json_atomic
+    from dynamics.outputs import write_json_atomic
 
     return write_json_atomic(Path(out_dir) / "footnote3.json", result.to_dict())

@@ -533,15 +533,15 @@ def validate(values: Mapping[str, Any]) -> None:
 
 def _write_generation(run_dir: Path, result: Any, generation: Mapping[str, GenerationResult]) -> Any:
     """Adds the generation accuracies to the run's final evaluation (summary.json and the returned result)."""
-    from dynamics.train import atomic_write_json
+    from dynamics.outputs import write_json_atomic
 
     extra = {}
     for split, g in generation.items():
         extra[f"generation/{split}/accuracy"] = g.accuracy
         extra[f"generation/{split}/n"] = float(g.n)
-    atomic_write_json(run_dir / "generation.json", {split: g.to_dict() for split, g in generation.items()})
+    write_json_atomic(run_dir / "generation.json", {split: g.to_dict() for split, g in generation.items()})
     result = dataclasses.replace(result, final_eval={**result.final_eval, **extra})
-    atomic_write_json(run_dir / "summary.json", result.to_dict())
+    write_json_atomic(run_dir / "summary.json", result.to_dict())
     return result
 
 

@@ -11,7 +11,7 @@ Two failures this module exists for, both seen on `rmdyn theorem2`:
 * **Segmentation fault.** A KeyboardInterrupt that arrives while XLA compiles or runs (in its own threads) unwinds
   Python, but the interpreter's shutdown then tears down modules under those threads: exit 139 instead of 130.
   `exit_interrupted()` flushes the standard streams and leaves with `os._exit(130)`, skipping that teardown. Files
-  the command writes are written atomically (`dynamics.io`), and the unwinding before it removes temporaries, so
+  the command writes are written atomically (`dynamics.outputs`), and the unwinding before it removes temporaries, so
   nothing half-written is left.
 """
 

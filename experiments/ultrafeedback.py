@@ -646,8 +646,9 @@ def run(
       The `dynamics.train.TrainResult`; its final evaluation also holds "<set>/rows" (pairs per set).
     """
     from dynamics.loading import load
+    from dynamics.outputs import write_json_atomic
     from dynamics.text import encode_preferences
-    from dynamics.train import EvalSuite, atomic_write_json, train
+    from dynamics.train import EvalSuite, train
 
     config = train_config(values)
     if loaded is None:
@@ -677,7 +678,7 @@ def run(
     )
     rows = {f"{name}/rows": float(b.batch_size) for name, b in batches.items()}
     result = dataclasses.replace(result, final_eval={**result.final_eval, **rows})
-    atomic_write_json(run_path / "summary.json", result.to_dict())
+    write_json_atomic(run_path / "summary.json", result.to_dict())
     return result
 
 

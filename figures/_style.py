@@ -19,7 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from dynamics.io import _UMASK, jsonable
+from dynamics.outputs import jsonable, permissions
 
 # Colours of the two reward-model types, reused by every figure.
 EX_COLOR = "#1f77b4"
@@ -75,7 +75,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; figures are ordinary files
+        os.chmod(tmp, permissions())  # mkstemp creates 0600; figures are ordinary files
         write(tmp)
         os.replace(tmp, path)
     except BaseException:

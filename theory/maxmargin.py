@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ConfigError, RmdynError
-from dynamics.io import jsonable, write_json_atomic
+from dynamics.outputs import jsonable, write_json_atomic
 
 __all__ = ["MaxMarginResult", "default_qp_solver", "max_margin_direction"]
 

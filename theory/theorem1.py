@@ -29,7 +29,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from dynamics.errors import ConfigError
-from dynamics.io import jsonable, write_json_atomic
+from dynamics.outputs import jsonable, write_json_atomic
 
 __all__ = [
     "GenerationBound",

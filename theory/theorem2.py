@@ -75,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynamics.errors import ConfigError
-from dynamics.io import jsonable, write_json_atomic
+from dynamics.outputs import jsonable, write_json_atomic
 from theory.maxmargin import MaxMarginResult, max_margin_direction
 
 __all__ = [

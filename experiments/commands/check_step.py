@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     rows, rows_from = common.training_rows(args)
     pairs, pairs_from = common.unseen_pairs(args)
 
-    from dynamics.io import write_json_atomic  # JAX: only once every option is known to be good
+    from dynamics.outputs import write_json_atomic  # JAX: only once every option is known to be good
     from dynamics.step import check_step
     from figures.step_scatter import step_scatter_figure
 

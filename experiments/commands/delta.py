@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     pairs, pairs_from = common.unseen_pairs(args)
 
     from dynamics.delta import delta_reward  # JAX: only once every option is known to be good
-    from dynamics.io import write_json_atomic
+    from dynamics.outputs import write_json_atomic
     from figures.delta_bars import delta_bars_figure
 
     t0 = time.perf_counter()

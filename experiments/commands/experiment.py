@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dynamics.errors import DataError, SequenceTooLongError
     from dynamics.loading import load
-    from dynamics.train import atomic_write_json
+    from dynamics.outputs import write_json_atomic
 
     models: dict[tuple[str, str], Any] = {}
     finals: dict[str, Any] = {}
@@ -147,6 +147,6 @@ def run(args: argparse.Namespace) -> int:
         table = runner.table(plan, finals)
         report["table"] = table
         print("\n" + runner.format_table(table))
-    atomic_write_json(out / "results.json", report)
+    write_json_atomic(out / "results.json", report)
     print(f"\nwrote {out / 'results.json'}")
     return 0

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np  # the heavy imports (theory imports JAX) once every option is known to be good
 
-    from dynamics.io import write_json_atomic
+    from dynamics.outputs import write_json_atomic
     from theory.theorem1 import construction_from_counts, verifier_construction
 
     report: dict[str, Any] = {"beta": beta, "deltas": deltas, "random": [], "hamiltonian": []}

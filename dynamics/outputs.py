@@ -1,4 +1,5 @@
-"""JSON helpers shared by every result dataclass (theory, dynamics, experiments).
+"""Writing results: JSON conversion and atomic file writes, shared by every result type (dynamics, theory,
+experiments, figures).
 
 Results write themselves atomically (a temporary file in the same directory, then `os.replace`), so a reader
 never sees half a file. Non-finite floats are written as the strings "inf", "-inf" and "nan": strict JSON
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+__all__ = ["atomic_write_text", "jsonable", "permissions", "write_json_atomic"]
 
 
 def jsonable(value: Any) -> Any:
@@ -51,6 +54,11 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def permissions(base: int = 0o666) -> int:
+    """`base` less the process umask: the mode of an ordinary new file (0o666) or directory (0o777)."""
+    return base & ~_UMASK
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Writes `text` to `path` through a temporary file in the same directory, fsync and os.replace.
 
@@ -60,7 +68,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are ordinary files
+        os.chmod(tmp, permissions())  # mkstemp creates 0600; results are ordinary files
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
