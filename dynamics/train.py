@@ -1010,6 +1010,7 @@ def train(
     callbacks: Sequence[Callable[[StepInfo], None]] = (),
     progress: bool = True,
     mesh: Any = None,
+    final_metrics: Callable[[Any], Mapping[str, float]] | None = None,
 ) -> TrainResult:
     """Trains a reward model (docs/math.md §6, common training protocol) and evaluates it along the way.
 
@@ -1040,6 +1041,10 @@ def train(
         the same: GSPMD propagates the shardings, so the numbers equal a one-device run's up to float rounding.
         `micro_batch_size` must be a multiple of the device count; evaluation chunks are `eval_batch_size`
         rounded up to one.
+      final_metrics: called once, after the final evaluation, with the final reward-model parameters (what
+        `TrainResult.params` holds); the name → finite float metrics it returns are added to `final_eval` (and
+        so to summary.json), also on a resumed run that finishes. A name the evaluation already has, a value
+        that is not a real number, or a non-finite value is an error.
 
     Returns:
       A `TrainResult`.
@@ -1047,8 +1052,10 @@ def train(
     Raises:
       DataError: empty training data, an empty or malformed evaluation set.
       ConfigError: bad options, a run directory that already holds a run (without `resume`), a resumed
-        run whose configuration differs, or a mesh without a "data" axis or whose device count does not
-        divide `micro_batch_size`.
+        run whose configuration differs, a mesh without a "data" axis or whose device count does not
+        divide `micro_batch_size`, or `final_metrics` returning something other than a mapping of new names
+        to real numbers.
+      DataError: `final_metrics` returning a non-finite value.
     """
     t_start = time.perf_counter()
     suite = eval_suite if eval_suite is not None else EvalSuite({}, {})
@@ -1306,6 +1313,9 @@ def train(
 
     final_eval = next((h for h in reversed(history) if h["event"] == "eval"), {})
     final_eval = {k: v for k, v in final_eval.items() if k not in ("event", "step", "epoch")}
+    final_params = full_params()
+    if final_metrics is not None:
+        final_eval.update(_checked_final_metrics(final_metrics(final_params), final_eval))
     timing = {
         "total_s": time.perf_counter() - t_start,
         "precompute_s": t_pre,
@@ -1330,11 +1340,29 @@ def train(
         resumed_from_step=resumed_from,
         n_trainable=record["mask"]["n_trainable"],
         timing=timing,
-        params=full_params(),
+        params=final_params,
     )
     if run_path is not None:
         write_json_atomic(run_path / "summary.json", result.to_dict())
     return result
+
+
+def _checked_final_metrics(extra: Any, final_eval: Mapping[str, Any]) -> dict[str, float]:
+    """The metrics a `final_metrics` hook returned, as floats: a mapping of new names to finite real numbers."""
+    if not isinstance(extra, Mapping):
+        raise ConfigError(f"final_metrics must return a mapping of name to float, got {type(extra).__name__}")
+    out = {}
+    for name, value in extra.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"final_metrics returned the non-string name {name!r}")
+        if name in final_eval:
+            raise ConfigError(f"final_metrics returned {name!r}, which the final evaluation already has")
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ConfigError(f"final_metrics returned {name}={value!r}: not a real number")
+        if not math.isfinite(float(value)):
+            raise DataError(f"final_metrics returned {name}={value!r}: not finite")
+        out[name] = float(value)
+    return out
 
 
 def _stage_bar(progress: bool, desc: str, total: int, leave: bool = True) -> Any:

@@ -461,6 +461,37 @@ def test_empty_evaluation_set_fails_before_training(tiny, tmp_path):
         train(TrainConfig(), lm, params, train_set, bad, progress=False)
 
 
+def test_final_metrics_hook_adds_to_the_final_evaluation(tiny, tmp_path):
+    """`final_metrics` sees the final parameters once; its metrics land in final_eval and summary.json, also when a
+    finished run is resumed; a non-float or non-finite value is a clear error."""
+    lm, params, train_set, suite = tiny
+    config = TrainConfig(lr=1e-2, batch_size=8, micro_batch_size=4, bucket=4, epochs=1)
+    seen = []
+
+    def hook(final_params):
+        seen.append(final_params)
+        return {"extra/norm": np.float32(2.5), "extra/count": 3}
+
+    result = train(config, lm, params, train_set, suite, run_dir=tmp_path / "r", final_metrics=hook, progress=False)
+    assert len(seen) == 1 and seen[0] is result.params
+    assert result.final_eval["extra/norm"] == 2.5 and result.final_eval["extra/count"] == 3.0
+    assert "train/rewards/accuracies" in result.final_eval
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["final_eval"]["extra/norm"] == 2.5 and summary["final_eval"]["extra/count"] == 3.0
+    again = train(
+        config, lm, params, train_set, suite, run_dir=tmp_path / "r", resume=True, final_metrics=hook, progress=False
+    )
+    assert len(seen) == 2 and again.final_eval == result.final_eval
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["final_eval"]["extra/norm"] == 2.5
+    with pytest.raises(DataError, match="extra/bad.*not finite"):
+        train(config, lm, params, train_set, suite, final_metrics=lambda p: {"extra/bad": float("nan")}, progress=False)
+    with pytest.raises(ConfigError, match="extra/bad.*not a real number"):
+        train(config, lm, params, train_set, suite, final_metrics=lambda p: {"extra/bad": "0.5"}, progress=False)
+    with pytest.raises(ConfigError, match="already has"):
+        train(config, lm, params, train_set, suite, final_metrics=lambda p: {"train/loss": 1.0}, progress=False)
+
+
 def test_ctrl_c_is_held_back_inside_a_state_update():
     from dynamics.train import _deferred_interrupt
 
