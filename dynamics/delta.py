@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dynamics.chunking import batch_chunks, strip
 from dynamics.errors import ConfigError, DataError
 from dynamics.masks import combine, count_selected, partition, prepare, trainable_mask
 from dynamics.models import unembedding
@@ -114,37 +115,12 @@ def reward_name(rm: RewardModel) -> str:
     return reward_label(kind)
 
 
-def strip(batch):
-    """The batch without its static bookkeeping fields (they are part of the jit cache key)."""
-    if isinstance(batch, PreferenceBatch):
-        return PreferenceBatch(strip(batch.chosen), strip(batch.rejected))
-    return batch.replace(truncated=(), boundary_mismatch=())
-
-
 def check_nonempty_responses(batch: PairBatch, what: str) -> None:
     """Raise `DataError` naming the first row of `batch` whose response has no token."""
     counts = np.asarray(batch.response_mask).sum(-1)
     empty = np.flatnonzero(counts == 0)
     if empty.size:
         raise DataError(f"{what}: row {int(empty[0])} has an empty response (no response tokens)")
-
-
-def _chunks(batch: PairBatch, size: int, mesh=None) -> list[tuple[PairBatch, int]]:
-    """Rows in chunks of exactly `size` (the last one padded by repeating its first row), with the count kept.
-
-    With a mesh, each chunk is split over its devices along the batch axis.
-    """
-    from dynamics.sharding import shard_batch
-
-    n = batch.batch_size
-    out = []
-    for start in range(0, n, size):
-        idx = np.arange(start, min(start + size, n))
-        keep = len(idx)
-        idx = np.concatenate([idx, np.full(size - keep, idx[0])]) if keep < size else idx
-        chunk = strip(batch.select(idx))
-        out.append((shard_batch(chunk, mesh) if mesh is not None else chunk, keep))
-    return out
 
 
 def _tree_dot(a, b) -> jax.Array:
@@ -216,7 +192,7 @@ def response_gradients(rm: RewardModel, train_tree, frozen, train: PreferenceBat
     return jax.vmap(lambda c: vjp(c)[0])(eye)
 
 
-def _jvp_rewards(rm: RewardModel, train_tree, frozen, tangents, unseen: PairBatch):
+def jvp_rewards(rm: RewardModel, train_tree, frozen, tangents, unseen: PairBatch):
     """(r(u) [C], ⟨∇r(u), t_j⟩ [n_dir, C]) for one chunk of unseen pairs and stacked tangents."""
     TRACE_COUNTS["jvp_rewards"] += 1
 
@@ -230,7 +206,7 @@ def _jvp_rewards(rm: RewardModel, train_tree, frozen, tangents, unseen: PairBatc
     return primal, tang
 
 
-_jvp_rewards_jit = jax.jit(_jvp_rewards, static_argnums=(0,))
+jvp_rewards_jit = jax.jit(jvp_rewards, static_argnums=(0,))
 _unit_update_jit = jax.jit(unit_update, static_argnums=(0, 4))
 _response_gradients_jit = jax.jit(response_gradients, static_argnums=0)
 
@@ -261,9 +237,9 @@ def _ntk(
         directions.append(_response_gradients_jit(rm, train_tree, frozen, strip(train)))
     tangents = jax.tree.map(lambda *xs: jnp.concatenate(xs), *directions)
     before, delta, kern = [], [], []
-    chunks = _chunks(unseen, chunk_size, mesh)
+    chunks = batch_chunks(unseen, chunk_size, mesh)
     for chunk, keep in tqdm(chunks, desc="Δr (JVP)", disable=not progress or len(chunks) < 3, leave=False):
-        r, t = _jvp_rewards_jit(rm, train_tree, frozen, tangents, chunk)
+        r, t = jvp_rewards_jit(rm, train_tree, frozen, tangents, chunk)
         r, t = np.asarray(r)[:keep], np.asarray(t)[:, :keep]
         before.append(r)
         delta.append(t[0])
@@ -319,7 +295,7 @@ def _closed_form(
     if isinstance(rm, ExplicitRM):
         feats = functools.partial(_features_jit, rm)
         f_train = jnp.concatenate([feats(params, b) for b in train_rows])  # [2B, D]
-        for chunk, keep in _chunks(unseen, chunk_size):
+        for chunk, keep in batch_chunks(unseen, chunk_size):
             f_u = feats(params, chunk)
             before.append(np.asarray(jnp.einsum("ND,D->N", f_u, params["head"]["u"].astype(f_u.dtype)))[:keep])
             kern.append(np.asarray(_dot_rows(f_u, f_train))[:keep])
@@ -331,7 +307,7 @@ def _closed_form(
     prep = _im_prediction_arrays_jit
     h_v, tok_v, m_v = (jnp.concatenate(x) for x in zip(*[prep(lm, params["lm"], b) for b in train_rows], strict=True))
     pair_kernel = _pair_kernel_jit
-    for chunk, keep in _chunks(unseen, chunk_size):
+    for chunk, keep in batch_chunks(unseen, chunk_size):
         h_u, tok_u, m_u = prep(lm, params["lm"], chunk)
         k = pair_kernel(h_u, tok_u, m_u, h_v, tok_v, m_v, W, cap, vocab_chunk)
         kern.append(np.asarray(k)[:keep] * rm.beta**2)

@@ -17,14 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dynamics.chunking import batch_chunks, strip
 from dynamics.delta import (
     TRACE_COUNTS,
     DeltaResult,
     Optimizer,
-    _chunks,
     delta_reward,
     reward_name,
-    strip,
 )
 from dynamics.errors import ConfigError
 from dynamics.masks import combine, partition, prepare, trainable_mask
@@ -200,7 +199,7 @@ def check_step(
     mask = trainable_mask(rm, params, spec)
     train_tree, frozen = partition(params, mask)
     t = strip(train)
-    chunks = _chunks(unseen, chunk_size)
+    chunks = batch_chunks(unseen, chunk_size)
     before = np.concatenate([np.asarray(_rewards_jit(rm, train_tree, frozen, c))[:k] for c, k in chunks])
     dtype = jax.tree.leaves(train_tree)[0].dtype
     actual = []

@@ -206,7 +206,7 @@ def test_im_rewards_at_initialisation_are_exact_ties():
     # separate copy of the weights (no shortcut applies), agree to float32 rounding
     from jax.flatten_util import ravel_pytree
 
-    from dynamics.delta import strip
+    from dynamics.chunking import strip
     from dynamics.rewards import response_logprob
 
     previous = jax.config.jax_enable_x64

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynamics.delta import delta_reward, strip
+from dynamics.chunking import strip
+from dynamics.delta import delta_reward
 from dynamics.errors import ConfigError, RmdynError
 from dynamics.masks import partition, prepare, trainable_mask
 from dynamics.models import LM, DecoderConfig, cast_params, resize_vocab, untie
