@@ -21,7 +21,15 @@ from typing import Any
 
 from dynamics.errors import ConfigError
 
-__all__ = ["REWARD_TYPES", "RewardType", "explicit_kinds", "implicit_kinds", "reward_label", "reward_type"]
+__all__ = [
+    "REWARD_TYPES",
+    "RewardType",
+    "explicit_kinds",
+    "implicit_kinds",
+    "reward_color",
+    "reward_label",
+    "reward_type",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +42,7 @@ class RewardType:
       explicit: True for a reward read off a learned head or an answer token (EX-RM, EX-GRM); False for the
         implicit reward β ln π/π_ref of the language model itself (IM-RM).
       model: the `dynamics.rewards` class that computes it ("ExplicitRM", "ImplicitRM", "GenerativeRM").
+      color: its colour in every figure (matplotlib colour string).
       options: the constructor options the kind fixes, over any the caller passes (e.g. pooling="mean",
         reference_free=True); "ex" and "im" fix none, so a caller may choose them.
     """
@@ -42,6 +51,7 @@ class RewardType:
     label: str
     explicit: bool
     model: str
+    color: str
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
@@ -54,11 +64,11 @@ REWARD_TYPES: Mapping[str, RewardType] = MappingProxyType(
     {
         t.kind: t
         for t in (
-            RewardType("ex", "EX-RM", True, "ExplicitRM"),
-            RewardType("ex-mean", "EX-RM (mean)", True, "ExplicitRM", {"pooling": "mean"}),
-            RewardType("im", "IM-RM", False, "ImplicitRM"),
-            RewardType("im-noref", "IM-RM (no ref)", False, "ImplicitRM", {"reference_free": True}),
-            RewardType("exgrm", "EX-GRM", True, "GenerativeRM", {}),
+            RewardType("ex", "EX-RM", True, "ExplicitRM", "#1f77b4"),
+            RewardType("ex-mean", "EX-RM (mean)", True, "ExplicitRM", "#17becf", {"pooling": "mean"}),
+            RewardType("im", "IM-RM", False, "ImplicitRM", "#d62728"),
+            RewardType("im-noref", "IM-RM (no ref)", False, "ImplicitRM", "#e377c2", {"reference_free": True}),
+            RewardType("exgrm", "EX-GRM", True, "GenerativeRM", "#ff7f0e"),
         )
     }
 )
@@ -70,6 +80,12 @@ def reward_type(kind: str) -> RewardType:
         return REWARD_TYPES[kind]
     except (KeyError, TypeError):
         raise ConfigError(f"unknown reward type {kind!r}; expected one of {', '.join(REWARD_TYPES)}") from None
+
+
+def reward_color(kind: str, default: str = "0.35") -> str:
+    """The figure colour of `kind`; `default` (grey) for an unregistered kind."""
+    t = REWARD_TYPES.get(kind)
+    return t.color if t is not None else default
 
 
 def reward_label(kind: str) -> str:

@@ -20,10 +20,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dynamics.outputs import jsonable, permissions
+from dynamics.reward_types import reward_color
 
 # Colours of the two reward-model types, reused by every figure.
-EX_COLOR = "#1f77b4"
-IM_COLOR = "#d62728"
+EX_COLOR = reward_color("ex")
+IM_COLOR = reward_color("im")
 REF_COLOR = "0.35"
 
 _RC = {

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from dynamics.reward_types import reward_color
 from figures._style import EX_COLOR, IM_COLOR, REF_COLOR, house_style, save_figure
 
 __all__ = ["OUTCOME_COLORS", "training_curves_figure", "ultrafeedback_figure"]
@@ -27,7 +28,6 @@ __all__ = ["OUTCOME_COLORS", "training_curves_figure", "ultrafeedback_figure"]
 #: Colours of the outcome markers of `ultrafeedback_figure`.
 OUTCOME_COLORS = {"ex": "#2ca02c", "tie": "0.6", "im": "#9467bd"}
 _LINESTYLES = ("-", "--", ":", "-.")
-_KIND_COLORS = {"ex": EX_COLOR, "ex-mean": "#17becf", "exgrm": "#ff7f0e", "im": IM_COLOR, "im-noref": "#e377c2"}
 
 
 def _grid(n: int, cols: int, size: tuple[float, float]):
@@ -61,7 +61,7 @@ def training_curves_figure(data: Mapping[str, Any], png_path: str | os.PathLike[
                 kind = line.get("kind", "")
                 k = styles[kind] = styles.get(kind, -1) + 1
                 ax.plot(line["x"], line["y"], marker="o", ms=2.5, lw=1.3, label=label,
-                        color=_KIND_COLORS.get(kind, REF_COLOR), ls=_LINESTYLES[k % len(_LINESTYLES)])  # fmt: skip
+                        color=reward_color(kind, REF_COLOR), ls=_LINESTYLES[k % len(_LINESTYLES)])  # fmt: skip
             ax.axhline(0.5, color=REF_COLOR, lw=0.8, ls=":")
             ax.set(title=title, xlabel=data.get("x", "epoch"), ylabel="accuracy (ties = ½)", ylim=(-0.03, 1.03))
         if axes:
