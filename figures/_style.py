@@ -22,6 +22,8 @@ from matplotlib.figure import Figure
 from dynamics.outputs import jsonable, permissions
 from dynamics.reward_types import reward_color
 
+__all__ = ["EX_COLOR", "IM_COLOR", "REF_COLOR", "band", "house_style", "new_figure", "save_figure"]
+
 # Colours of the two reward-model types, reused by every figure.
 EX_COLOR = reward_color("ex")
 IM_COLOR = reward_color("im")

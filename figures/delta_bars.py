@@ -46,6 +46,51 @@ def _group_boundaries(labels: Sequence[str]) -> list[int]:
     return [i for i in range(1, len(labels)) if heads[i] is not None and heads[i] != heads[i - 1]]
 
 
+def _series(results: Mapping[str, Any], n: int) -> dict[str, dict[str, Any]]:
+    """Per series: its panel (EX / IM), title, Δr [n] and metadata; a ValueError for a length other than n."""
+    series: dict[str, dict[str, Any]] = {}
+    for name, result in results.items():
+        d = _as_dict(result)
+        delta = np.asarray(d["delta"], dtype=np.float64)
+        if delta.shape != (n,):
+            raise ValueError(f"series {name!r} has {delta.shape} values for {n} labels")
+        meta = dict(d.get("meta", {}))
+        series[name] = {
+            "panel": _family(str(meta.get("reward", name))),
+            "title": _series_title(name, meta),
+            "delta": delta,
+            "reward_before": d.get("reward_before"),
+            "meta": meta,
+        }
+    return series
+
+
+def _draw_panel(ax: Any, s: Mapping[str, Any], y: np.ndarray, labels: Sequence[str], expected: Sequence[int]) -> None:
+    """One panel: Δr as horizontal bars (scaled by a power of ten when tiny or huge), hatched against `expected`."""
+    from matplotlib.ticker import MaxNLocator
+
+    n = len(labels)
+    lim = float(np.max(np.abs(s["delta"]))) or 1.0
+    exponent = int(np.floor(np.log10(lim)))
+    scale = 10.0**exponent if abs(exponent) >= 3 else 1.0
+    bars = ax.barh(y, s["delta"] / scale, height=0.75, color=_COLORS[s["panel"]])
+    for bar, v, e in zip(bars, s["delta"], expected, strict=True):
+        if e != 0 and np.sign(v) != e:
+            bar.set_hatch("////")
+            bar.set_edgecolor("black")
+            bar.set_linewidth(0.4)
+    for i in _group_boundaries(labels):
+        ax.axhline(n - i + 0.5 - 1.0, color=REF_COLOR, lw=0.5, alpha=0.6)
+    ax.axvline(0.0, color=REF_COLOR, lw=0.8)
+    ax.set_xlim(-1.08 * lim / scale, 1.08 * lim / scale)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, symmetric=True))
+    ax.grid(axis="y", visible=False)
+    unit = "β·nats" if s["panel"] == "IM" else "reward units"
+    factor = f"$\\times 10^{{{exponent}}}$ " if scale != 1.0 else ""
+    ax.set_xlabel(f"Δr ({factor}{unit})")
+    ax.set_title(s["title"], fontsize=8.5)
+
+
 def delta_bars_figure(
     results: Mapping[str, Any],
     labels: Sequence[str],
@@ -74,7 +119,6 @@ def delta_bars_figure(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
-    from matplotlib.ticker import MaxNLocator
 
     if not results:
         raise ValueError("delta_bars_figure needs at least one series")
@@ -82,20 +126,7 @@ def delta_bars_figure(
     expected = [0] * n if expected is None else [int(np.sign(e)) for e in expected]
     if len(expected) != n:
         raise ValueError(f"{len(expected)} expected signs for {n} labels")
-    series: dict[str, dict[str, Any]] = {}
-    for name, result in results.items():
-        d = _as_dict(result)
-        delta = np.asarray(d["delta"], dtype=np.float64)
-        if delta.shape != (n,):
-            raise ValueError(f"series {name!r} has {delta.shape} values for {n} labels")
-        meta = dict(d.get("meta", {}))
-        series[name] = {
-            "panel": _family(str(meta.get("reward", name))),
-            "title": _series_title(name, meta),
-            "delta": delta,
-            "reward_before": d.get("reward_before"),
-            "meta": meta,
-        }
+    series = _series(results, n)
     order = sorted(series, key=lambda k: series[k]["panel"] != "EX")  # stable: EX-RM first
 
     with house_style():
@@ -106,26 +137,7 @@ def delta_bars_figure(
         axes += [fig.add_subplot(1, len(order), i + 1, sharey=axes[0]) for i in range(1, len(order))]
         y = np.arange(n)[::-1].astype(np.float64)
         for ax, name in zip(axes, order, strict=True):
-            s = series[name]
-            lim = float(np.max(np.abs(s["delta"]))) or 1.0
-            exponent = int(np.floor(np.log10(lim)))
-            scale = 10.0**exponent if abs(exponent) >= 3 else 1.0
-            bars = ax.barh(y, s["delta"] / scale, height=0.75, color=_COLORS[s["panel"]])
-            for bar, v, e in zip(bars, s["delta"], expected, strict=True):
-                if e != 0 and np.sign(v) != e:
-                    bar.set_hatch("////")
-                    bar.set_edgecolor("black")
-                    bar.set_linewidth(0.4)
-            for i in _group_boundaries(labels):
-                ax.axhline(n - i + 0.5 - 1.0, color=REF_COLOR, lw=0.5, alpha=0.6)
-            ax.axvline(0.0, color=REF_COLOR, lw=0.8)
-            ax.set_xlim(-1.08 * lim / scale, 1.08 * lim / scale)
-            ax.xaxis.set_major_locator(MaxNLocator(nbins=5, symmetric=True))
-            ax.grid(axis="y", visible=False)
-            unit = "β·nats" if s["panel"] == "IM" else "reward units"
-            factor = f"$\\times 10^{{{exponent}}}$ " if scale != 1.0 else ""
-            ax.set_xlabel(f"Δr ({factor}{unit})")
-            ax.set_title(s["title"], fontsize=8.5)
+            _draw_panel(ax, series[name], y, labels, expected)
         axes[0].set_yticks(y, labels)
         axes[0].set_ylim(-0.6, n - 0.4)
         for ax in axes[1:]:

