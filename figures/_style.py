@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from dynamics.outputs import jsonable, permissions
 from dynamics.reward_types import reward_color
 
-__all__ = ["EX_COLOR", "IM_COLOR", "REF_COLOR", "band", "house_style", "new_figure", "save_figure"]
+__all__ = ["EX_COLOR", "IM_COLOR", "REF_COLOR", "atomic_write", "band", "house_style", "new_figure", "save_figure"]
 
 # Colours of the two reward-model types, reused by every figure.
 EX_COLOR = reward_color("ex")
@@ -73,7 +73,7 @@ def band(
         ax.fill_between(x, np.nanmin(y, axis=0), np.nanmax(y, axis=0), color=color, alpha=0.2, lw=0)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -101,6 +101,6 @@ def save_figure(fig: Figure, png_path: str | os.PathLike[str], data: Mapping[str
             json.dump(jsonable(data), fh, indent=1, allow_nan=False)
             fh.write("\n")
 
-    _atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
-    _atomic_write(js, write_json)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+    atomic_write(js, write_json)
     return png, js

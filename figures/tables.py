@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from figures._style import _atomic_write, house_style, save_figure
+from figures._style import atomic_write, house_style, save_figure
 
 __all__ = ["format_cell", "markdown_table", "table_figure"]
 
@@ -100,5 +100,5 @@ def table_figure(
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
 
-    _atomic_write(md, write_md)
+    atomic_write(md, write_md)
     return png, js, md
