@@ -74,6 +74,8 @@ def band(
 
 
 def atomic_write(path: Path, write: Any) -> None:
+    """Calls `write(tmp_path)` on a temporary file beside `path`, then renames it over `path` (readers never see
+    half a figure); the file gets the ordinary permissions (`dynamics.outputs.permissions`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
