@@ -1,18 +1,17 @@
-"""JSONL data: preference triples and Persona statements, the paper's splits, and the bundled data files.
+"""JSONL data: preference triples, unseen pairs and Persona statements, and the paper's splits.
 
 Every malformed input is a `DataError` naming the file and the 1-based line: a line that is not JSON or not an
 object, a missing field, a field that is not a string or is empty (whitespace only), a repeated id, a file
 without rows.
 
-The bundled files live in the `experiments` package (`experiments/data/persona/*`,
-`experiments/data/preferences/*`); `bundled_data_path` finds them with importlib.resources, so nothing reads
-outside the package.
+A library module: it reads the files it is given (`read_jsonl` and `text_field` are the row-level readers the
+loaders share, public for callers with other field names). It knows no bundled data; the studies that bundle
+files find them themselves.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 import json
 import os
 import pathlib
@@ -28,18 +27,15 @@ __all__ = [
     "PreferenceRow",
     "TorchCompatibleGenerator",
     "UnseenPair",
-    "bundled_data_names",
-    "bundled_data_path",
     "load_persona",
     "load_preferences",
     "load_unseen_pairs",
     "persona_split",
+    "read_jsonl",
+    "text_field",
 ]
 
 T = TypeVar("T")
-
-_PACKAGE_DATA_SUFFIXES = (".jsonl",)
-_PACKAGE_DATA_NAMES = ("README.md", "LICENSE")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +107,21 @@ class UnseenPair:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
-    """The JSON objects of a JSONL file with their 1-based line numbers; DataError on any malformed line."""
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a JSONL file with their 1-based line numbers.
+
+    The file is strict UTF-8 (a byte-order mark is allowed); a final newline is optional.
+
+    Args:
+      path: the JSONL file.
+
+    Returns:
+      [(line number, object)], in file order.
+
+    Raises:
+      DataError: naming the file and line: unreadable, not UTF-8, a blank line, not JSON, not an object; or a
+        file without rows.
+    """
     p = pathlib.Path(path)
     try:
         raw = p.read_bytes()
@@ -141,7 +150,17 @@ def _read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
     return objects
 
 
-def _text_field(obj: dict[str, Any], key: str, where: str) -> str:
+def text_field(obj: dict[str, Any], key: str, where: str) -> str:
+    """The string field `key` of a JSONL row: present, a string, not empty or whitespace only.
+
+    Args:
+      obj: the row (from `read_jsonl`).
+      key: the field's name.
+      where: how the row is named in errors ("FILE line N").
+
+    Raises:
+      DataError: "<where>: " and what is wrong with the field.
+    """
     if key not in obj:
         raise DataError(f"{where}: missing field {key!r} (fields: {sorted(obj)})")
     value = obj[key]
@@ -158,7 +177,7 @@ def load_preferences(path: str | os.PathLike) -> list[PreferenceRow]:
     An optional "id" (int or string, unique in the file) is kept; other fields are ignored.
 
     Args:
-      path: the JSONL file (e.g. `bundled_data_path("ultrafeedback.test")`).
+      path: the JSONL file.
 
     Returns:
       The rows, in file order.
@@ -167,9 +186,9 @@ def load_preferences(path: str | os.PathLike) -> list[PreferenceRow]:
       DataError: naming the file and line of the first malformed row, or an empty file.
     """
     rows, seen = [], {}
-    for index, (n, obj) in enumerate(_read_jsonl(path)):
+    for index, (n, obj) in enumerate(read_jsonl(path)):
         where = f"{path} line {n}"
-        prompt, chosen, rejected = (_text_field(obj, k, where) for k in ("prompt", "chosen", "rejected"))
+        prompt, chosen, rejected = (text_field(obj, k, where) for k in ("prompt", "chosen", "rejected"))
         row_id = obj.get("id", index)
         if isinstance(row_id, bool) or not isinstance(row_id, (int, str)):
             raise DataError(f"{where}: field 'id' must be an int or a string, got {type(row_id).__name__}")
@@ -198,17 +217,17 @@ def load_unseen_pairs(path: str | os.PathLike) -> list[UnseenPair]:
         non-string or empty field, a non-string label), or an empty file.
     """
     pairs = []
-    for n, obj in _read_jsonl(path):
+    for n, obj in read_jsonl(path):
         where = f"{path} line {n}"
-        prompt = _text_field(obj, "prompt", where)
+        prompt = text_field(obj, "prompt", where)
         if "response" in obj:
             label = obj.get("label")
             if label is not None and (not isinstance(label, str) or not label.strip()):
                 raise DataError(f"{where}: field 'label' must be a non-empty string, got {label!r}")
-            pairs.append(UnseenPair(prompt, _text_field(obj, "response", where), label, str(path), n))
+            pairs.append(UnseenPair(prompt, text_field(obj, "response", where), label, str(path), n))
         elif "chosen" in obj or "rejected" in obj:
             for key in ("chosen", "rejected"):
-                pairs.append(UnseenPair(prompt, _text_field(obj, key, where), key, str(path), n))
+                pairs.append(UnseenPair(prompt, text_field(obj, key, where), key, str(path), n))
         else:
             raise DataError(
                 f"{where}: expected a pair {{prompt, response[, label]}} or a preference row "
@@ -223,7 +242,7 @@ def load_persona(path: str | os.PathLike, *, answer: str = "Yes") -> list[Person
     The comparison strips spaces and ignores case, as the official code does (the files say " Yes" / " No").
 
     Args:
-      path: a Persona JSONL file (e.g. `bundled_data_path("agreeableness")`).
+      path: a Persona JSONL file.
       answer: "Yes" (the paper's choice) or "No".
 
     Returns:
@@ -235,11 +254,11 @@ def load_persona(path: str | os.PathLike, *, answer: str = "Yes") -> list[Person
     if not isinstance(answer, str) or not answer.strip():
         raise ConfigError(f"answer must be 'Yes' or 'No', got {answer!r}")
     rows = []
-    for n, obj in _read_jsonl(path):
+    for n, obj in read_jsonl(path):
         where = f"{path} line {n}"
-        fields = [_text_field(obj, k, where) for k in ("question", "statement")]
-        matching = _text_field(obj, "answer_matching_behavior", where)
-        other = _text_field(obj, "answer_not_matching_behavior", where)
+        fields = [text_field(obj, k, where) for k in ("question", "statement")]
+        matching = text_field(obj, "answer_matching_behavior", where)
+        other = text_field(obj, "answer_not_matching_behavior", where)
         confidence = obj.get("label_confidence")
         if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, (int, float))):
             raise DataError(f"{where}: field 'label_confidence' must be a number, got {type(confidence).__name__}")
@@ -327,54 +346,3 @@ def persona_split(
         raise ConfigError(f"rng must be 'numpy' or 'torch', got {rng!r}")
     order = [int(i) for i in perm]
     return [rows[i] for i in order[:n_train]], [rows[i] for i in order[n_train : n_train + n_test]]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Bundled files
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _bundled_files() -> dict[str, pathlib.Path]:
-    """{"persona/agreeableness.jsonl": path, ...}: the package data under experiments/data/."""
-    root = importlib.resources.files("experiments").joinpath("data")
-    files = {}
-    if root.is_dir():
-        for group in sorted(root.iterdir(), key=lambda t: t.name):
-            if not group.is_dir():
-                continue
-            for entry in sorted(group.iterdir(), key=lambda t: t.name):
-                if entry.is_file() and (
-                    entry.name.endswith(_PACKAGE_DATA_SUFFIXES) or entry.name in _PACKAGE_DATA_NAMES
-                ):
-                    files[f"{group.name}/{entry.name}"] = pathlib.Path(str(entry))
-    return files
-
-
-def bundled_data_names() -> list[str]:
-    """Names of the bundled data files, e.g. "persona/agreeableness.jsonl"."""
-    return sorted(_bundled_files())
-
-
-def bundled_data_path(name: str) -> pathlib.Path:
-    """Path of a bundled data file.
-
-    Args:
-      name: "group/file" ("preferences/ultrafeedback.test.jsonl"), or the file name alone
-        ("ultrafeedback.test.jsonl") or without ".jsonl" ("ultrafeedback.test", "agreeableness") when that is
-        unambiguous.
-
-    Returns:
-      The file's path.
-
-    Raises:
-      DataError: unknown or ambiguous name; the message lists the available names.
-    """
-    files = _bundled_files()
-    if name in files:
-        return files[name]
-    matches = [k for k in files if k.split("/", 1)[1] in (name, f"{name}.jsonl")]
-    if len(matches) == 1:
-        return files[matches[0]]
-    what = "ambiguous" if matches else "unknown"
-    data = sorted(k for k in files if k.endswith(_PACKAGE_DATA_SUFFIXES))  # not the README and LICENSE files
-    raise DataError(f"{what} bundled data file {name!r}; available: {', '.join(data)}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from experiments import cli
-from experiments.config import load_plan
+from experiments.plans.grammar import load_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,8 +177,8 @@ def test_every_sub_command_has_a_rejection_case():
 
 def test_output_checks_are_pure_python():
     code = (
-        "import sys; from experiments.commands import _checks; "
-        "_checks.check_output_dir('runs/x', files=['a.json']); "
+        "import sys; from experiments.cli import preflight; "
+        "preflight.check_output_dir('runs/x', files=['a.json']); "
         "assert not any(m in sys.modules for m in ('jax', 'numpy')), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
@@ -207,7 +207,7 @@ def test_collapsed_grid_runs_are_named_after_their_point():
 
 
 def _fake_runs(monkeypatch, record):
-    """experiments.persona.run and dynamics.loading.load replaced by stubs that record the run directories."""
+    """The Persona runner's run and dynamics.loading.load replaced by stubs that record the run directories."""
 
     def fake_load(source, dtype="float32", progress=False):
         return types.SimpleNamespace(name=f"stub {source}")
@@ -218,7 +218,7 @@ def _fake_runs(monkeypatch, record):
         return types.SimpleNamespace(final_eval=final, steps=1, timing={"total_s": 0.0}, run_dir=str(run_dir))
 
     monkeypatch.setattr("dynamics.loading.load", fake_load)
-    monkeypatch.setattr("experiments.persona.run", fake_run)
+    monkeypatch.setattr("experiments.studies.persona.runner.run", fake_run)
 
 
 def test_collapsed_grid_writes_a_named_run_directory(tmp_path, monkeypatch, capsys):

@@ -191,8 +191,8 @@ def test_models_and_models_check(tiny_dir, capsys):
 
 
 def test_footnote3_against_numpy(tiny_dir, loaded, tmp_path, capsys):
-    from experiments.config import load_plan
-    from experiments.persona import persona_texts
+    from experiments.plans.grammar import load_plan
+    from experiments.studies.persona.data import persona_texts
 
     sets = ["n_train=6", "n_test=3"]
     _main(["footnote3", "--model", tiny_dir, *[a for s in sets for a in ("--set", s)], "--out", tmp_path], capsys)

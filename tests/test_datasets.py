@@ -1,4 +1,4 @@
-"""dynamics.datasets: JSONL errors with file and line, Persona filtering and splits, the bundled files."""
+"""dynamics.datasets (JSONL errors with file and line, Persona filtering and splits) and experiments.studies.bundled."""
 
 from __future__ import annotations
 
@@ -14,13 +14,12 @@ from dynamics.datasets import (
     PersonaRow,
     PreferenceRow,
     TorchCompatibleGenerator,
-    bundled_data_names,
-    bundled_data_path,
     load_persona,
     load_preferences,
     persona_split,
 )
 from dynamics.errors import ConfigError, DataError
+from experiments.studies.bundled import bundled_data_names, bundled_data_path
 
 GOOD = {"prompt": "p", "chosen": "c", "rejected": "r"}
 
@@ -144,10 +143,10 @@ def test_torch_compatible_split_is_the_official_codes():
 
 
 def test_bundled_data_paths():
-    root = pathlib.Path(experiments.__file__).parent / "data"
-    assert bundled_data_path("persona/agreeableness.jsonl") == root / "persona" / "agreeableness.jsonl"
+    root = pathlib.Path(experiments.__file__).parent / "studies"
+    assert bundled_data_path("persona/agreeableness.jsonl") == root / "persona" / "bundled" / "agreeableness.jsonl"
     assert bundled_data_path("agreeableness") == bundled_data_path("agreeableness.jsonl")
-    assert bundled_data_path("ultrafeedback.test") == root / "preferences" / "ultrafeedback.test.jsonl"
+    assert bundled_data_path("ultrafeedback.test") == root / "ultrafeedback" / "bundled" / "ultrafeedback.test.jsonl"
     assert bundled_data_path("persona/LICENSE").is_file()
     names = bundled_data_names()
     assert {"persona/README.md", "preferences/README.md", "persona/openness.jsonl"} <= set(names)

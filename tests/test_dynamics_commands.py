@@ -187,7 +187,7 @@ def test_jsonl_errors_name_file_and_line(tmp_path, capsys):
 
 
 def test_params_defaults_and_reward_kinds():
-    from experiments.commands._dynamics import resolve_params
+    from experiments.cli.arguments import resolve_params
 
     assert resolve_params(None, ["ex", "im"]) == "all"
     assert resolve_params(None, ["im"], "closed_form") == "output"
@@ -217,7 +217,7 @@ def test_registration_does_not_import_jax():
 
 
 def test_demo_set_and_sign_summary():
-    from experiments.dynamics_demo import demo_pairs, demo_triple, sign_summary
+    from experiments.studies.demo import demo_pairs, demo_triple, sign_summary
 
     triple, pairs = demo_triple(), demo_pairs()
     assert triple.chosen == "A truthful reply is yes" and triple.rejected == "Considering the statement, I say no"

@@ -1,4 +1,4 @@
-"""experiments.config (plans, presets, --set) and experiments.persona (data, evaluation sets, the CLI)."""
+"""experiments.plans (plans, presets, --set) and experiments.studies.persona (data, evaluation sets, the CLI)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from conftest import require
 
 from dynamics.errors import ConfigError, DataError
-from experiments.config import load_plan
+from experiments.plans.grammar import load_plan
 
 
 def test_plan_presets_and_overrides():
@@ -62,8 +62,9 @@ def test_a_typo_in_a_plan_names_the_file(tmp_path):
 def test_persona_texts_reproduce_the_official_draws():
     """split_rng="torch": torch.randperm, then per row randint for yes prefix, yes word, no prefix, no word."""
     torch = require("torch")
-    from dynamics.datasets import bundled_data_path, load_persona, persona_split
-    from experiments.persona import persona_texts
+    from dynamics.datasets import load_persona, persona_split
+    from experiments.studies.bundled import bundled_data_path
+    from experiments.studies.persona.data import persona_texts
 
     values = dict(load_plan("persona").values)
     texts = persona_texts(values)
@@ -114,7 +115,9 @@ def test_persona_end_to_end_with_the_real_tokenizer(tmp_path):
     from dynamics.loading import Loaded
     from dynamics.models import LM, DecoderConfig, default_model_path
     from dynamics.tokenizer import load_tokenizer
-    from experiments import persona
+    from experiments.studies.protocol import study_runner
+
+    persona = study_runner("persona")
 
     tokenizer = load_tokenizer(default_model_path())
     config = DecoderConfig(
@@ -147,7 +150,7 @@ def test_persona_end_to_end_with_the_real_tokenizer(tmp_path):
 
 
 def test_persona_validation_catches_empty_word_lists():
-    from experiments.persona import validate
+    from experiments.studies.persona.runner import validate
 
     values = dict(load_plan("persona", "cpu").values)
     validate(values)

@@ -135,7 +135,7 @@ def test_figures_command_writes_every_supported_output(runs, tmp_path, capsys):
 
 
 def test_figures_bad_input(tmp_path):
-    from experiments.commands.figures import make_figures
+    from experiments.cli.commands.figures import make_figures
 
     with pytest.raises(DataError, match="no such directory"):
         make_figures([str(tmp_path / "nope")], tmp_path / "out")

@@ -1,4 +1,4 @@
-"""experiments.footnote3 (docs/math.md §6.2, Footnote 3): the statistics against a direct numpy computation."""
+"""experiments.studies.footnote3 (docs/math.md §6.2, Footnote 3): the statistics against a direct numpy computation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments.footnote3 import (
+from experiments.studies.footnote3 import (
     STAT_NAMES,
     Footnote3Result,
     footnote3_statistics,
@@ -64,12 +64,12 @@ def test_statistics_match_a_direct_computation():
     assert "u*·seen cosine" not in footnote3_statistics(seen, unseen_train, unseen_test, None)
 
 
-def test_result_serializes_and_prints():
+def test_result_serializes_and_prints(tmp_path):
     rng = np.random.default_rng(1)
     seen = rng.normal(size=(5, 4)) + 3.0
     stats = footnote3_statistics(seen, rng.normal(size=(3, 4)), rng.normal(size=(2, 4)))
     result = Footnote3Result(stats, {"separable": False, "reason": "test"}, {"seen": (5, 4)}, {"model": "x"})
-    data = json.loads(result.to_json())
+    data = json.loads(result.save(tmp_path / "footnote3.json").read_text())
     assert data["statistics"]["seen·unseen_train inner"]["count"] == 15 and data["shapes"]["seen"] == [5, 4]
     text = format_statistics(result)
     assert "fraction_positive" in text and "u*: none (test)" in text

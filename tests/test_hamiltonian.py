@@ -1,4 +1,4 @@
-"""experiments.hamiltonian (docs/math.md §6.1) and dynamics.sampling: graphs, y−, the cycle checker, the sampler."""
+"""experiments.studies.hamiltonian (docs/math.md §6.1) and dynamics.sampling: graphs, y−, the cycle checker, the sampler."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from dynamics.errors import ConfigError, DataError
-from experiments.config import load_plan
-from experiments.hamiltonian import (
+from experiments.plans.grammar import load_plan
+from experiments.studies.hamiltonian.data import hamiltonian_data
+from experiments.studies.hamiltonian.graphs import (
     EDGE_SEP_TOKEN,
     SEP_TOKEN,
     HamiltonianGraph,
@@ -19,7 +20,6 @@ from experiments.hamiltonian import (
     cycle_response,
     generate_graphs,
     graph_prompt,
-    hamiltonian_data,
     is_correct_generation,
     is_hamiltonian_cycle,
     make_graph,
@@ -252,10 +252,11 @@ def test_generation_test_decodes_and_checks(real_tokenizer, monkeypatch):
     """generation_test keeps <sep> in the text, drops other special tokens, and counts correct cycles."""
     from dynamics.loading import Loaded
     from dynamics.sampling import SampleResult
-    from experiments import hamiltonian
+    from experiments.studies.hamiltonian.data import add_graph_tokens
+    from experiments.studies.hamiltonian.generation import generation_test
 
     lm, params = _tiny(real_tokenizer.vocab_size)
-    tok, lm2, params2, ids = hamiltonian.add_graph_tokens(Loaded(lm, params, real_tokenizer, "tiny", "tiny"))
+    tok, lm2, params2, ids = add_graph_tokens(Loaded(lm, params, real_tokenizer, "tiny", "tiny"))
     assert lm2.config.vocab_size == real_tokenizer.vocab_size + 2 and ids == (49152, 49153)
     assert tok.encode("1<sep>2", add_special_tokens=False) == [tok.encode("1")[0], ids[0], tok.encode("2")[0]]
     emb = np.asarray(params2["embed"]["embedding"])
@@ -276,20 +277,22 @@ def test_generation_test_decodes_and_checks(real_tokenizer, monkeypatch):
         return SampleResult((tuple(good), tuple(with_special), tuple(bad)), ("stop_token",) * 3, 7, 300, 1.0, 0)
 
     monkeypatch.setattr("dynamics.sampling.sample", fake_sample)
-    result = hamiltonian.generation_test(lm2, params2, tok, [g, g, g])
+    result = generation_test(lm2, params2, tok, [g, g, g])
     assert result.n == 3 and result.correct == 2 and result.accuracy == pytest.approx(2 / 3)
     assert result.examples[0]["text"] == "1<sep>2<sep>3<sep>0" and not result.examples[2]["correct"]
     assert calls["stop_ids"] == [tok.token_to_id("<|im_end|>")]
     prompt_text = tok.decode(calls["prompts"][0])
     assert prompt_text.endswith("<|im_start|>assistant\n") and EDGE_SEP_TOKEN in prompt_text
-    assert json.loads(result.to_json())["correct"] == 2
+    assert json.loads(json.dumps(result.to_dict()))["correct"] == 2
 
 
 @pytest.mark.slow
 def test_hamiltonian_end_to_end_with_the_real_tokenizer(tmp_path, real_tokenizer):
     """Two steps of IM-RM and EX-RM on a tiny random LM; the IM-RM's generation test runs."""
     from dynamics.loading import Loaded
-    from experiments import hamiltonian
+    from experiments.studies.protocol import study_runner
+
+    hamiltonian = study_runner("hamiltonian")
 
     lm, params = _tiny(real_tokenizer.vocab_size)
     loaded = Loaded(lm, params, real_tokenizer, "tiny", "tiny")

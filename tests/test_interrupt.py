@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from _tiny_hf import tiny_hf_dir
 
-from experiments import interrupt
+from experiments.cli import interrupt
 
 ENTRY = "import sys; from experiments.cli import entry; sys.argv = ['rmdyn', *sys.argv[1:]]; entry()"
 SLOW_STEP_ENTRY = """

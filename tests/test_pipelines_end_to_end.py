@@ -108,8 +108,8 @@ def test_persona_accuracies_recomputed_from_the_checkpoints(persona_out, tiny_di
 
     from dynamics.loading import load
     from dynamics.text import encode_pairs
-    from experiments.config import load_plan
-    from experiments.persona import persona_texts
+    from experiments.plans.grammar import load_plan
+    from experiments.studies.persona.data import persona_texts
 
     runs = _runs(persona_out)
     assert set(runs) == {"reward=im", "reward=ex"}
@@ -255,8 +255,8 @@ def _is_hamiltonian_cycle(text: str, n: int, edges: set) -> bool:
 
 
 def test_hamiltonian_pipeline(hamiltonian_out):
-    from experiments.config import load_plan
-    from experiments.hamiltonian import hamiltonian_data
+    from experiments.plans.grammar import load_plan
+    from experiments.studies.hamiltonian.data import hamiltonian_data
 
     runs = _runs(hamiltonian_out)
     assert len(runs) == 1  # reward=im: the generation test

@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dynamics.datasets import PreferenceRow, bundled_data_path, load_persona
+from dynamics.datasets import PreferenceRow, load_persona
 from dynamics.loading import load
 from dynamics.rewards import ExplicitRM, ImplicitRM
 from dynamics.step import check_step
 from dynamics.text import encode_pairs, encode_preferences
+from experiments.studies.bundled import bundled_data_path
 
 PARAPHRASES = [
     "My response would be certainly",

@@ -20,12 +20,13 @@ from conftest import require
 torch = require("torch", reason="the parity tests need the PyTorch reference (pip install -e '.[test]')")
 transformers = require("transformers")
 
-from dynamics.datasets import bundled_data_path, load_persona  # noqa: E402
+from dynamics.datasets import load_persona  # noqa: E402
 from dynamics.loading import load  # noqa: E402
 from dynamics.models import cast_params, default_model_path  # noqa: E402
 from dynamics.models.gguf_loader import gguf_hf_config, gguf_state_dict, open_gguf  # noqa: E402
 from dynamics.rewards import ExplicitRM, ImplicitRM  # noqa: E402
 from dynamics.text import encode_pairs  # noqa: E402
+from experiments.studies.bundled import bundled_data_path  # noqa: E402
 
 RESPONSES = [
     "A truthful reply is yes",

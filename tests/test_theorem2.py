@@ -312,7 +312,7 @@ def test_bad_config(kwargs: dict, match: str) -> None:
 
 
 def test_bad_source_arguments() -> None:
-    from experiments.commands.theorem2 import load_problem
+    from experiments.cli.commands.theorem2 import load_problem
 
     with pytest.raises(ConfigError, match=r"--source must be 'synthetic' or 'model'"):
         load_problem("llm", 2, 0)
@@ -337,8 +337,8 @@ def test_imports_stay_light() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
     code = (
         "import sys, argparse\n"
-        "import experiments.commands.theorem1 as a, experiments.commands.theorem2 as b, "
-        "experiments.commands.bench as c\n"
+        "import experiments.cli.commands.theorem1 as a, experiments.cli.commands.theorem2 as b, "
+        "experiments.cli.commands.bench as c\n"
         "p = argparse.ArgumentParser().add_subparsers()\n"
         "a.register(p); b.register(p); c.register(p)\n"
         "assert 'jax' not in sys.modules, 'registration imported jax'\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments.theorem2_model import SEEN, model_problem, single_token_answers
+from experiments.studies.theorem2_model import SEEN, model_problem, single_token_answers
 from theory.theorem2 import Theorem2Config, simulate_theorem2
 
 
@@ -50,7 +50,7 @@ def test_one_pass_answer_states_equal_separate_forwards():
     import jax.numpy as jnp
 
     from dynamics.loading import load
-    from experiments.theorem2_model import answer_states
+    from experiments.studies.theorem2_model import answer_states
 
     loaded = load()
     tok = loaded.tokenizer

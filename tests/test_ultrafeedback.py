@@ -1,4 +1,4 @@
-"""experiments.ultrafeedback (docs/math.md §6.3): data selection, length filter, tie rule, summaries, bad input."""
+"""experiments.studies.ultrafeedback (docs/math.md §6.3): data selection, length filter, tie rule, summaries, bad input."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from dynamics.errors import ConfigError, DataError
-from experiments.config import load_plan
-from experiments.ultrafeedback import (
+from experiments.plans.grammar import load_plan
+from experiments.studies.ultrafeedback.data import ultrafeedback_data
+from experiments.studies.ultrafeedback.report import (
     PAPER_AGGREGATE,
     TieRule,
     aggregate_table,
@@ -19,10 +20,9 @@ from experiments.ultrafeedback import (
     parse_categories,
     set_metrics,
     summarize_categories,
-    ultrafeedback_data,
     ultrafeedback_report,
-    validate,
 )
+from experiments.studies.ultrafeedback.runner import validate
 
 
 def _metrics(acc: float, margin: float = 1.0, n: int = 200) -> dict[str, float]:
@@ -150,7 +150,8 @@ def test_cpu_preset_data_skips_long_pairs_and_reports(tokenizer):
 
 def test_rewardmath_selection_is_the_official_randperm():
     """1,000 of the 2,000 RewardMATH pairs: torch.randperm(2000, generator=manual_seed(517))[:1000]."""
-    from dynamics.datasets import TorchCompatibleGenerator, bundled_data_path, load_preferences
+    from dynamics.datasets import TorchCompatibleGenerator, load_preferences
+    from experiments.studies.bundled import bundled_data_path
 
     values = dict(load_plan("rewardmath").values)
     data = ultrafeedback_data(values)
@@ -245,7 +246,9 @@ def test_ultrafeedback_end_to_end_with_the_real_tokenizer(tmp_path, tokenizer):
 
     from dynamics.loading import Loaded
     from dynamics.models import LM, DecoderConfig
-    from experiments import ultrafeedback
+    from experiments.studies.protocol import study_runner
+
+    ultrafeedback = study_runner("ultrafeedback")
 
     config = DecoderConfig(
         family="llama", vocab_size=49152, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, d_ff=32,

@@ -41,7 +41,7 @@ what its seeds vary (e.g. the sampled training triples over fixed model represen
 
 **Other sources.** Any arrays can be simulated: build a `Theorem2Problem` (e.g. SmolLM2's final hidden states
 h_{x,y} and h_x on persona prompts and the rows of its untied unembedding for the tokens that occur).
-`rmdyn theorem2 --source model` expects `experiments.theorem2_model.model_problem(n_seeds=..., seed=...)` to
+`rmdyn theorem2 --source model` expects `experiments.studies.theorem2_model.model_problem(n_seeds=..., seed=...)` to
 return one, batched over seeds or not (an unbatched problem is repeated).
 
 **Seen and unseen.** The seen tokens of a seed are the tokens of its training triples. An evaluation pair is

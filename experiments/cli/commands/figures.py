@@ -25,6 +25,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+__all__ = [
+    "PAPER_PERSONA",
+    "curves_data",
+    "footnote3_table",
+    "hamiltonian_table_data",
+    "make_figures",
+    "persona_figure_table",
+    "register",
+    "run",
+    "ultrafeedback_outputs",
+]
+
 #: docs/math.md §6.2's Persona table (accuracy, mean over four LMs).
 PAPER_PERSONA = {
     ("original", "train"): {"EX-RM": 1.0, "IM-RM": 1.0},
@@ -71,8 +83,13 @@ def _models_note(runs: Sequence[Any]) -> str:
     return f"a column is the mean over its runs; models: {', '.join(models)}; {len(runs)} runs"
 
 
-def persona_table(runs: Sequence[Any], kinds: Sequence[str] | None = None, *, paper: bool = True) -> dict[str, Any]:
-    """The Persona table (docs/math.md §6.2): accuracy on original / paraphrased responses × train / test prompts.
+def persona_figure_table(
+    runs: Sequence[Any], kinds: Sequence[str] | None = None, *, paper: bool = True
+) -> dict[str, Any]:
+    """The figures' Persona table (docs/math.md §6.2) of run directories: a column per reward type, its runs averaged.
+
+    Accuracy on original / paraphrased responses × train / test prompts, the paper's numbers beside. (The table of
+    one plan's runs, a column per run, is `experiments.studies.persona.report.persona_accuracy_table`.)
 
     Args:
       runs: Persona `RunRecord`s.
@@ -110,7 +127,7 @@ def persona_table(runs: Sequence[Any], kinds: Sequence[str] | None = None, *, pa
 def hamiltonian_table_data(runs: Sequence[Any]) -> dict[str, Any]:
     """The Hamiltonian table (docs/math.md §6.1) with the paper's numbers beside; a column per reward type."""
     from dynamics.reward_types import reward_label
-    from experiments.studies.hamiltonian.runner import TABLE_ROWS, hamiltonian_table
+    from experiments.studies.hamiltonian.report import TABLE_ROWS, hamiltonian_table
 
     finals = {}
     for kind, rs in _by_kind(runs).items():
@@ -128,7 +145,7 @@ def hamiltonian_table_data(runs: Sequence[Any]) -> dict[str, Any]:
 
 def curves_data(runs: Sequence[Any], panels: Sequence[str], title: str) -> dict[str, Any]:
     """Accuracy along training (every evaluation) of each run, one panel per evaluation name."""
-    from experiments.studies.ultrafeedback.runner import SET_LABELS
+    from experiments.studies.ultrafeedback.report import SET_LABELS
 
     several_models = len({r.model for r in runs}) > 1
     out: dict[str, Any] = {"title": title, "x": "epoch", "panels": {}}
@@ -149,12 +166,12 @@ def curves_data(runs: Sequence[Any], panels: Sequence[str], title: str) -> dict[
 
 
 def ultrafeedback_outputs(runs: Sequence[Any]) -> dict[str, dict[str, Any]]:
-    """Per training set: the report (`experiments.studies.ultrafeedback.runner.ultrafeedback_report`) and its tables.
+    """Per training set: the report (`experiments.studies.ultrafeedback.report.ultrafeedback_report`) and its tables.
 
     Returns:
       {prefix: {"report", "figure2", "aggregate", "summary", "ablations" (or None), "curves"}}.
     """
-    from experiments.studies.ultrafeedback.runner import SET_LABELS, TieRule, aggregate_table, ultrafeedback_report
+    from experiments.studies.ultrafeedback.report import SET_LABELS, TieRule, aggregate_table, ultrafeedback_report
 
     out = {}
     settings = dict.fromkeys(str(r.info.get("train_data", "?")) for r in runs)
@@ -278,9 +295,9 @@ def make_figures(paths: Sequence[str], out: str | Path) -> list[Path]:
     if persona:
         paths_p = [r.path for r in persona]
         if {r.reward for r in persona} & {"ex", "im"}:
-            table("persona_table", persona_table(persona, ("ex", "im")), paths_p)
+            table("persona_table", persona_figure_table(persona, ("ex", "im")), paths_p)
         if {r.reward for r in persona} - {"ex", "im"}:
-            data = persona_table(persona, None, paper=False)
+            data = persona_figure_table(persona, None, paper=False)
             data["title"] = "Persona ablations (docs/math.md §6.4-6.5): accuracy by reward type"
             table("persona_ablations", data, paths_p)
         panels = ["original/train", "original/test", "paraphrased/train", "paraphrased/test"]

@@ -1,0 +1,3 @@
+"""Sub-commands of `rmdyn`, one module each, exposing `register(subparsers)` (see experiments.cli.main)."""
+
+__all__: list[str] = []

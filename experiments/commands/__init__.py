@@ -1,1 +1,0 @@
-"""Sub-commands of `rmdyn`, one module each (see experiments.cli)."""

@@ -1,0 +1,136 @@
+"""Running the Persona experiment (docs/math.md §6.2, the paper's Section 5.1): evaluation sets, checks, training.
+
+The reward model is trained on the training prompts' triples (`experiments.studies.persona.data`) and evaluated on
+
+    original responses     × training prompts / test prompts
+    paraphrased responses  × training prompts / test prompts
+
+where a paraphrased pair is ("My response would be " + yes-word, "I lean toward " + no-word): its accuracy is
+computed for every (yes-word, no-word) combination and averaged over them, as the paper does.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from experiments.plans.grammar import train_config, validate_training_keys
+from experiments.studies.persona.data import PERSONA_KEYS, PersonaTexts, persona_data_file, persona_texts
+from experiments.studies.training import EncodedRun, encoding_options, train_study
+
+__all__ = ["combination_name", "persona_eval_suite", "run", "validate"]
+
+
+def combination_name(split: str, yes: str, no: str) -> str:
+    """The comparison name of one paraphrase combination, e.g. "paraphrased/test/certainly|nope"."""
+    return f"paraphrased/{split}/{yes}|{no}"
+
+
+def persona_eval_suite(encode: Callable[[Sequence[str], Sequence[str]], Any], texts: PersonaTexts):
+    """The evaluation sets of docs/math.md §6.2 as an `EvalSuite` (each distinct response set scored once).
+
+    Args:
+      encode: (prompts, responses) → the sequences to score (`encode_pairs` for EX-RM / IM-RM,
+        `encode_exgrm` for EX-GRM, with the run's length options bound).
+      texts: the Persona texts.
+
+    Returns:
+      Comparisons "original/train", "original/test" and one "paraphrased/{split}/{yes}|{no}" per word
+      combination; averages "paraphrased/train" and "paraphrased/test" (the paper's 2×2 mean).
+    """
+    from dynamics.train import EvalSuite
+
+    sequences, comparisons, averages = {}, {}, {}
+    for split, rows in (("train", texts.train), ("test", texts.test)):
+        prompts = [r["prompt"] for r in rows]
+        for side in ("chosen", "rejected"):
+            sequences[f"{split}/original/{side}"] = encode(prompts, [r[side] for r in rows])
+        comparisons[f"original/{split}"] = (f"{split}/original/chosen", f"{split}/original/rejected")
+        for side, words in (("yes", texts.eval_words_yes), ("no", texts.eval_words_no)):
+            for word in words:
+                responses = [p + word for p in texts.eval_prefixes[split][side]]
+                sequences[f"{split}/paraphrased/{side}/{word}"] = encode(prompts, responses)
+        members = []
+        for yes, no in itertools.product(texts.eval_words_yes, texts.eval_words_no):
+            name = combination_name(split, yes, no)
+            comparisons[name] = (f"{split}/paraphrased/yes/{yes}", f"{split}/paraphrased/no/{no}")
+            members.append(name)
+        averages[f"paraphrased/{split}"] = tuple(members)
+    return EvalSuite(sequences, comparisons, averages)
+
+
+def validate(values: Mapping[str, Any]) -> None:
+    """Checks the keys, the options, the data and that the model exists, before any model loads or trains.
+
+    Raises:
+      ConfigError: an unknown or missing key, a bad option.
+      DataError: a malformed data file (file and line), an empty training or evaluation set.
+      ModelError: the model path does not exist.
+    """
+    if "trait" in values and "data_file" in values:
+        persona_data_file(values)  # an unknown trait or a missing data_file fails before the training imports (JAX)
+    validate_training_keys("persona", values, PERSONA_KEYS)
+    persona_texts(values)
+    from dynamics.models import resolve_model_source
+
+    resolve_model_source(values["model"])  # a missing model directory fails now, not after the first runs
+
+
+def run(
+    values: Mapping[str, Any],
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    loaded: Any = None,
+):
+    """Builds the Persona data and evaluation sets from `values` and trains (docs/math.md §6.2).
+
+    Args:
+      values: the run's resolved plan keys.
+      run_dir: the run directory.
+      resume: continue from its last checkpoint.
+      progress: progress bar.
+      loaded: an already loaded model (`dynamics.loading.Loaded`) for values["model"], else it is loaded.
+
+    Returns:
+      The `dynamics.train.TrainResult`.
+    """
+    texts = persona_texts(values)
+    return train_study(
+        values, run_dir, functools.partial(_encode, values, texts), loaded=loaded, resume=resume, progress=progress
+    )
+
+
+def _encode(values: Mapping[str, Any], texts: PersonaTexts, loaded: Any) -> EncodedRun:
+    """The training batch (EX-GRM: both sides in one encoding, so that they share T) and the evaluation suite."""
+    from dynamics.text import (
+        ExgrmBatch,
+        PreferenceBatch,
+        encode_exgrm,
+        encode_pairs,
+        encode_preferences,
+        exgrm_answer_ids,
+    )
+
+    tok = loaded.tokenizer
+    enc = encoding_options(values)
+    answer_ids = None
+    if train_config(values).reward == "exgrm":
+        answer_ids = exgrm_answer_ids(tok)
+        encode = functools.partial(encode_exgrm, tok, **enc)
+        prompts = [r["prompt"] for r in texts.train]
+        n = len(prompts)
+        both = encode(prompts + prompts, [r["chosen"] for r in texts.train] + [r["rejected"] for r in texts.train])
+        data = PreferenceBatch(
+            chosen=ExgrmBatch(both.tokens[:n], both.attention_mask[:n]),
+            rejected=ExgrmBatch(both.tokens[n:], both.attention_mask[n:]),
+        )
+    else:
+        encode = functools.partial(encode_pairs, tok, **enc)
+        data = encode_preferences(tok, list(texts.train), **enc)
+    suite = persona_eval_suite(encode, texts)
+    return EncodedRun(loaded.lm, loaded.params, data, suite, data_info=texts.info, answer_ids=answer_ids)
