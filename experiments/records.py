@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from dynamics.errors import DataError
+from dynamics.outputs import portable_path
 from dynamics.reward_types import reward_label
-from experiments.paths import shown_path
 
 __all__ = ["RunRecord", "find_outputs", "read_run"]
 
@@ -32,7 +32,7 @@ class RunRecord:
     """One run directory, read back.
 
     Attributes:
-      path: the directory, relative (`experiments.paths.shown_path`): it is written into figures and tables.
+      path: the directory, relative (`dynamics.outputs.portable_path`): it is written into figures and tables.
       experiment: "persona", "hamiltonian", "ultrafeedback" (or what config.json says).
       reward: the reward type ("ex", "im", "ex-mean", "im-noref", "exgrm").
       model: the model's name.
@@ -104,7 +104,7 @@ def read_run(path: str | os.PathLike) -> RunRecord:
         raise DataError(f"{root}: no evaluation yet (metrics.jsonl has no eval line)")
     info = (config.get("data") or {}).get("info") or {}
     return RunRecord(
-        path=shown_path(root),
+        path=portable_path(root),
         experiment=str(info.get("experiment", "unknown")),
         reward=str((config.get("reward_model") or {}).get("kind", "?")),
         model=str((config.get("model") or {}).get("name", "?")),
@@ -138,13 +138,13 @@ def find_outputs(paths: Iterable[str | os.PathLike]) -> tuple[list[RunRecord], l
         if not root.exists():
             raise DataError(f"{root}: no such directory")
         if root.is_file() and root.name == "footnote3.json":
-            footnotes.append((shown_path(root), _json(root)))
+            footnotes.append((portable_path(root), _json(root)))
             continue
         for d in _walk(root, 0):
             if (d / "config.json").exists() and (d / "metrics.jsonl").exists():
                 runs.append(read_run(d))
             if (d / "footnote3.json").exists():
-                footnotes.append((shown_path(d / "footnote3.json"), _json(d / "footnote3.json")))
+                footnotes.append((portable_path(d / "footnote3.json"), _json(d / "footnote3.json")))
     if not runs and not footnotes:
         raise DataError(f"no run directories (config.json + metrics.jsonl) or footnote3.json under {list(paths)}")
     return runs, footnotes

@@ -41,7 +41,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dynamics.errors import ConfigError
-from experiments.paths import shown_path
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -70,7 +69,7 @@ MODEL_KEYS = ("model", "dtype", "max_length", "truncate", "bucket_pad")
 
 def train_config(values: Mapping[str, Any]) -> Any:
     """The `dynamics.train.TrainConfig` of a run: the plan keys that are TrainConfig fields (validated there)."""
-    from dynamics.train_config import TrainConfig
+    from dynamics.training import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in values.items() if k in names})
@@ -91,7 +90,7 @@ def validate_training_keys(experiment: str, values: Mapping[str, Any], own_keys:
       ConfigError: an unknown key (the message lists the valid ones), a missing key, a bad TrainConfig value or a
         bad device count.
     """
-    from dynamics.train_config import TrainConfig
+    from dynamics.training import TrainConfig
 
     known = set(own_keys) | set(MODEL_KEYS) | set(DEVICE_KEYS) | {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
@@ -180,12 +179,15 @@ class ExperimentPlan:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, with `source` relative (`dynamics.outputs.portable_path`): it goes into results.json."""
+        from dynamics.outputs import portable_path
+
         return {
             "name": self.name,
             "experiment": self.experiment,
             "description": self.description,
             "preset": self.preset,
-            "source": shown_path(self.source),
+            "source": portable_path(self.source),
             "values": dict(self.values),
             "grid": {k: list(v) for k, v in self.grid.items()},
             "overrides": list(self.overrides),

@@ -73,7 +73,7 @@ def train_study(
       The `TrainResult`.
     """
     from dynamics.loading import load
-    from dynamics.train import train
+    from dynamics.training import train
 
     config = train_config(values)
     if loaded is None:

@@ -73,7 +73,7 @@ def run(
 def _encode(values: Mapping[str, Any], data: HamiltonianData, run_dir: Path, loaded: Any) -> EncodedRun:
     """The graph tokens added, the training and evaluation batches, and the IM-RM's generation hook."""
     from dynamics.text import encode_preferences
-    from dynamics.train import EvalSuite
+    from dynamics.training import EvalSuite
 
     tok, lm, params, token_ids = add_graph_tokens(loaded)
     enc = encoding_options(values)

@@ -41,7 +41,7 @@ def persona_eval_suite(encode: Callable[[Sequence[str], Sequence[str]], Any], te
       Comparisons "original/train", "original/test" and one "paraphrased/{split}/{yes}|{no}" per word
       combination; averages "paraphrased/train" and "paraphrased/test" (the paper's 2×2 mean).
     """
-    from dynamics.train import EvalSuite
+    from dynamics.training import EvalSuite
 
     sequences, comparisons, averages = {}, {}, {}
     for split, rows in (("train", texts.train), ("test", texts.test)):

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
-from experiments.paths import shown_path
+from dynamics.outputs import portable_path
 from experiments.studies.ultrafeedback.report import TieRule, parse_categories
 
 __all__ = ["EVAL_SET_FILES", "TRAIN_SETS", "UF_KEYS", "UltraFeedbackData", "load_rows_cached", "ultrafeedback_data"]
@@ -246,7 +246,7 @@ def load_rows_cached(path: str) -> tuple[Any, ...]:
 
 def _row_info(path: str, fields, rows, skipped, selected, limit: int) -> dict[str, Any]:
     return {
-        "file": shown_path(path),
+        "file": portable_path(path),
         "fields": list(fields),
         "available": len(rows),
         "over_max_response_tokens": len(skipped),

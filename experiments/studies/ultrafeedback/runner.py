@@ -80,7 +80,7 @@ def run(
 def _encode(values: Mapping[str, Any], loaded: Any) -> EncodedRun:
     """The sets (filtered with the model's tokenizer), their batches, and the "<set>/rows" hook."""
     from dynamics.text import encode_preferences
-    from dynamics.train import EvalSuite
+    from dynamics.training import EvalSuite
 
     tok = loaded.tokenizer
     data = ultrafeedback_data(values, tok)
