@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dynamics.text import PairBatch, PreferenceBatch
+from dynamics.batches import PairBatch, PreferenceBatch
 
 __all__ = ["batch_chunks", "chunks", "chunks_pad_last", "strip"]
 

@@ -1,4 +1,4 @@
-"""The paper's default constants, in a module without JAX (`dynamics.train_config` reads them before JAX loads)."""
+"""The paper's default constants, in a module without JAX (`dynamics.training.config` reads them before JAX loads)."""
 
 from __future__ import annotations
 

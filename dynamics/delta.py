@@ -24,6 +24,8 @@ import collections
 import dataclasses
 import functools
 import math
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 import jax
@@ -31,13 +33,31 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dynamics.batches import PairBatch, PreferenceBatch
 from dynamics.chunking import batch_chunks, strip
 from dynamics.errors import ConfigError, DataError
+from dynamics.kernels import dot_rows, im_kernel_matrix, im_prediction_arrays_jit
 from dynamics.masks import combine, count_selected, partition, prepare, trainable_mask
 from dynamics.models import unembedding
 from dynamics.reward_types import reward_label
 from dynamics.rewards import ExplicitRM, GenerativeRM, ImplicitRM, RewardModel, bt_loss, bt_weight
-from dynamics.text import PairBatch, PreferenceBatch
+
+__all__ = [
+    "TRACE_COUNTS",
+    "DeltaResult",
+    "Method",
+    "Optimizer",
+    "check_nonempty_responses",
+    "delta_reward",
+    "jvp_rewards",
+    "jvp_rewards_jit",
+    "reference_is_policy",
+    "response_gradients",
+    "reward_jit",
+    "reward_name",
+    "training_rewards",
+    "unit_update",
+]
 
 Method = Literal["closed_form", "ntk"]
 Optimizer = Literal["sgd", "adam"]
@@ -73,6 +93,7 @@ class DeltaResult:
 
     @property
     def lr(self) -> float:
+        """The learning rate η of the step."""
         return float(self.meta["lr"])
 
     @property
@@ -84,6 +105,7 @@ class DeltaResult:
         return (self.kernel_chosen - self.kernel_rejected) @ w
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-ready values (arrays as lists, None kept)."""
         d = {
             "delta": self.delta,
             "reward_before": self.reward_before,
@@ -98,10 +120,11 @@ class DeltaResult:
 
         return jsonable(d)
 
-    def to_json(self, path: str) -> str:
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write `to_dict()` as JSON, atomically; returns the path."""
         from dynamics.outputs import write_json_atomic
 
-        return str(write_json_atomic(path, self.to_dict()))
+        return write_json_atomic(path, self.to_dict())
 
 
 def reward_name(rm: RewardModel) -> str:
@@ -123,16 +146,12 @@ def check_nonempty_responses(batch: PairBatch, what: str) -> None:
         raise DataError(f"{what}: row {int(empty[0])} has an empty response (no response tokens)")
 
 
-def _tree_dot(a, b) -> jax.Array:
-    leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x, y), a, b))
-    return sum(leaves) if leaves else jnp.zeros(())
-
-
 def _reward(rm: RewardModel, params, batch):
     TRACE_COUNTS["reward"] += 1
     return rm.reward(params, batch)
 
 
+#: `rm.reward(params, batch)` jitted (the reward model static): r in reward units (docs/math.md §1).
 reward_jit = jax.jit(_reward, static_argnums=0)
 
 
@@ -147,7 +166,7 @@ def reference_is_policy(rm: RewardModel, params) -> bool:
 
 
 def training_rewards(rm: RewardModel, params, train: PreferenceBatch) -> tuple[np.ndarray, np.ndarray]:
-    """(r(x_i, y_i+), r(x_i, y_i−)) before the step."""
+    """(r(x_i, y_i+), r(x_i, y_i−)) before the step, each [B] (docs/math.md §3)."""
     t = strip(train)
     return np.asarray(reward_jit(rm, params, t.chosen)), np.asarray(reward_jit(rm, params, t.rejected))
 
@@ -155,7 +174,8 @@ def training_rewards(rm: RewardModel, params, train: PreferenceBatch) -> tuple[n
 def unit_update(rm: RewardModel, train_tree, frozen, train: PreferenceBatch, optimizer: Optimizer) -> Any:
     """Δθ / η: the parameter change of one step with learning rate 1 (SGD: −∇L; Adam: its first update).
 
-    Both are exactly linear in η (optax scales the final update by −η), so Δθ(η) = η · unit_update.
+    Both are exactly linear in η (optax scales the final update by −η), so Δθ(η) = η · unit_update
+    (docs/math.md §3.3).
     """
     TRACE_COUNTS["unit_update"] += 1
     t = strip(train)
@@ -178,7 +198,7 @@ def response_gradients(rm: RewardModel, train_tree, frozen, train: PreferenceBat
     """∇r(x_i, y_i+) for i < B, then ∇r(x_i, y_i−): a tree whose leaves are stacked [2B, ...].
 
     One VJP of the 2B training rewards, evaluated at the 2B unit cotangents (vmapped): the only gradients ever
-    formed are those of the training responses.
+    formed are those of the training responses (the kernel terms K(u, y_i±) of docs/math.md §3).
     """
     TRACE_COUNTS["response_gradients"] += 1
     t = strip(train)
@@ -193,7 +213,17 @@ def response_gradients(rm: RewardModel, train_tree, frozen, train: PreferenceBat
 
 
 def jvp_rewards(rm: RewardModel, train_tree, frozen, tangents, unseen: PairBatch):
-    """(r(u) [C], ⟨∇r(u), t_j⟩ [n_dir, C]) for one chunk of unseen pairs and stacked tangents."""
+    """(r(u) [C], ⟨∇r(u), t_j⟩ [n_dir, C]) for one chunk of unseen pairs and stacked tangents (docs/math.md §3).
+
+    One forward-mode JVP per tangent direction t_j (vmapped), so ⟨∇r(u), Δθ/η⟩ is Δr/η to first order without
+    forming ∇r(u). Used by `delta_reward` (method ntk) and the Δr benchmark.
+
+    Args:
+      rm: the reward model (static under `jvp_rewards_jit`).
+      train_tree, frozen: the trainable and frozen parts of the parameters (`dynamics.masks.partition`).
+      tangents: a tree like `train_tree` with a leading [n_dir] axis.
+      unseen: one chunk of C unseen pairs (`dynamics.chunking.batch_chunks`).
+    """
     TRACE_COUNTS["jvp_rewards"] += 1
 
     def f(tr):
@@ -206,13 +236,10 @@ def jvp_rewards(rm: RewardModel, train_tree, frozen, tangents, unseen: PairBatch
     return primal, tang
 
 
+#: `jvp_rewards` jitted (the reward model static).
 jvp_rewards_jit = jax.jit(jvp_rewards, static_argnums=(0,))
 _unit_update_jit = jax.jit(unit_update, static_argnums=(0, 4))
 _response_gradients_jit = jax.jit(response_gradients, static_argnums=0)
-
-
-def _stack_trees(trees: list) -> Any:
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def _ntk(
@@ -248,41 +275,12 @@ def _ntk(
     return np.concatenate(before), np.concatenate(delta), (np.concatenate(kern) if decompose else None)
 
 
-def _im_kernel_pair(h_u, tok_u, m_u, h_v, tok_v, m_v, W, softcap, chunk):
-    """Σ_k Σ_l m_k m_l ⟨h_k, h'_l⟩ ρ_{k,l} for one unseen sequence and one training sequence (Eq. (5) sum)."""
-    from dynamics.rho import rho_terms
-
-    terms = rho_terms(h_u, tok_u, h_v, tok_v, W, chunk=chunk, softcap=softcap)
-    sim = jnp.einsum("KD,LD->KL", h_u.astype(terms.inner.dtype), h_v.astype(terms.inner.dtype))
-    w = m_u[:, None].astype(sim.dtype) * m_v[None, :].astype(sim.dtype)
-    return jnp.sum(sim * terms.rho * w)
-
-
-def _im_prediction_arrays(lm, lm_params, batch: PairBatch):
-    """(contexts h[:, :-1], predicted tokens [:, 1:], response mask [:, 1:]) of each sequence."""
-    hidden = lm.forward(lm_params, jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask))
-    return hidden[:, :-1], jnp.asarray(batch.tokens)[:, 1:], jnp.asarray(batch.response_mask)[:, 1:]
-
-
 def _features(rm, params, batch):
     TRACE_COUNTS["features"] += 1
     return rm.features(params, batch)
 
 
 _features_jit = jax.jit(_features, static_argnums=0)
-_im_prediction_arrays_jit = jax.jit(_im_prediction_arrays, static_argnums=0)
-_pair_kernel_jit = jax.jit(
-    jax.vmap(  # over unseen pairs
-        jax.vmap(_im_kernel_pair, in_axes=(None, None, None, 0, 0, 0, None, None, None)),  # over training seqs
-        in_axes=(0, 0, 0, None, None, None, None, None, None),
-    ),
-    static_argnums=(7, 8),
-)
-
-
-@jax.jit
-def _dot_rows(a, b):
-    return jnp.einsum("ND,MD->NM", a, b)
 
 
 def _closed_form(
@@ -298,15 +296,15 @@ def _closed_form(
         for chunk, keep in batch_chunks(unseen, chunk_size):
             f_u = feats(params, chunk)
             before.append(np.asarray(jnp.einsum("ND,D->N", f_u, params["head"]["u"].astype(f_u.dtype)))[:keep])
-            kern.append(np.asarray(_dot_rows(f_u, f_train))[:keep])
+            kern.append(np.asarray(dot_rows(f_u, f_train))[:keep])
         return np.concatenate(before), np.concatenate(kern)
 
     lm = rm.lm
     W = unembedding(params["lm"])
     cap = lm.config.final_logit_softcap
-    prep = _im_prediction_arrays_jit
+    prep = im_prediction_arrays_jit
     h_v, tok_v, m_v = (jnp.concatenate(x) for x in zip(*[prep(lm, params["lm"], b) for b in train_rows], strict=True))
-    pair_kernel = _pair_kernel_jit
+    pair_kernel = im_kernel_matrix
     for chunk, keep in batch_chunks(unseen, chunk_size):
         h_u, tok_u, m_u = prep(lm, params["lm"], chunk)
         k = pair_kernel(h_u, tok_u, m_u, h_v, tok_v, m_v, W, cap, vocab_chunk)
@@ -357,46 +355,16 @@ def delta_reward(
         optimizer or model it does not cover.
       DataError: an unseen pair or a training response with no response token.
     """
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"learning rate must be a finite number > 0, got {lr!r}")
-    if method not in ("ntk", "closed_form"):
-        raise ConfigError(f"unknown method {method!r}; expected ntk or closed_form")
-    if optimizer not in ("sgd", "adam"):
-        raise ConfigError(f"unknown optimizer {optimizer!r}; expected sgd or adam")
-    if chunk_size < 1:
-        raise ConfigError(f"chunk_size must be ≥ 1, got {chunk_size}")
-    if isinstance(rm, GenerativeRM):
-        raise ConfigError("Δr is defined for Bradley-Terry reward models (EX-RM, IM-RM), not the EX-GRM")
-    check_nonempty_responses(unseen, "unseen pairs")
-    check_nonempty_responses(train.chosen, "training chosen responses")
-    check_nonempty_responses(train.rejected, "training rejected responses")
+    _check_inputs(rm, train, unseen, lr=lr, method=method, optimizer=optimizer, chunk_size=chunk_size)
     was_tied = rm.lm.config.tie_embeddings
     rm, params, spec = prepare(rm, params, params_spec)
     mask = trainable_mask(rm, params, spec)
     B = train.batch_size
     decompose = B <= 8 if decompose is None else decompose
-
     if method == "closed_form":
-        covered = "head" if isinstance(rm, ExplicitRM) else "unembed"
-        if spec != covered:
-            raise ConfigError(
-                f"closed_form covers Assumption 1 only ({reward_name(rm)}: parameter selection {covered!r}); "
-                f"got {spec!r}: use method ntk"
-            )
-        if optimizer != "sgd":
-            raise ConfigError("closed_form is the SGD step of docs/math.md §3; Adam's step needs method ntk")
-        if isinstance(rm, ImplicitRM) and rm.lm.config.final_logit_softcap is not None:
-            raise ConfigError("closed_form (Eq. (5)) assumes logits W h; Gemma 2's final soft-cap needs method ntk")
-
+        _check_closed_form(rm, spec, optimizer)
     if mesh is not None:
-        from dynamics.sharding import AXIS, replicate, shard_params
-
-        if method != "ntk":
-            raise ConfigError("a device mesh is supported with method ntk")
-        if chunk_size % mesh.shape[AXIS]:
-            raise ConfigError(f"chunk_size {chunk_size} must be a multiple of the {mesh.shape[AXIS]} devices")
-        params = shard_params(params, mesh, param_sharding)
-        train = replicate(strip(train), mesh)
+        params, train = _place_on_mesh(params, train, mesh, method, chunk_size, param_sharding)
     r_plus, r_minus = training_rewards(rm, params, train)
     if reference_is_policy(rm, params):
         r_plus, r_minus = np.zeros_like(r_plus), np.zeros_like(r_minus)
@@ -439,3 +407,54 @@ def delta_reward(
         kernel_rejected=None if kern is None else np.asarray(kern[:, B:], np.float64),
         meta=meta,
     )
+
+
+def _check_inputs(
+    rm: RewardModel,
+    train: PreferenceBatch,
+    unseen: PairBatch,
+    *,
+    lr: float,
+    method: str,
+    optimizer: str,
+    chunk_size: int,
+) -> None:
+    """The option and data checks of `delta_reward` (its Raises section), before any computation."""
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"learning rate must be a finite number > 0, got {lr!r}")
+    if method not in ("ntk", "closed_form"):
+        raise ConfigError(f"unknown method {method!r}; expected ntk or closed_form")
+    if optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"unknown optimizer {optimizer!r}; expected sgd or adam")
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    if isinstance(rm, GenerativeRM):
+        raise ConfigError("Δr is defined for Bradley-Terry reward models (EX-RM, IM-RM), not the EX-GRM")
+    check_nonempty_responses(unseen, "unseen pairs")
+    check_nonempty_responses(train.chosen, "training chosen responses")
+    check_nonempty_responses(train.rejected, "training rejected responses")
+
+
+def _check_closed_form(rm: RewardModel, spec: str, optimizer: str) -> None:
+    """Raise `ConfigError` unless the closed form covers this case: Assumption 1 and SGD (docs/math.md §3.1, §3.2)."""
+    covered = "head" if isinstance(rm, ExplicitRM) else "unembed"
+    if spec != covered:
+        raise ConfigError(
+            f"closed_form covers Assumption 1 only ({reward_name(rm)}: parameter selection {covered!r}); "
+            f"got {spec!r}: use method ntk"
+        )
+    if optimizer != "sgd":
+        raise ConfigError("closed_form is the SGD step of docs/math.md §3; Adam's step needs method ntk")
+    if isinstance(rm, ImplicitRM) and rm.lm.config.final_logit_softcap is not None:
+        raise ConfigError("closed_form (Eq. (5)) assumes logits W h; Gemma 2's final soft-cap needs method ntk")
+
+
+def _place_on_mesh(params, train: PreferenceBatch, mesh, method: str, chunk_size: int, param_sharding: str):
+    """(params placed per `param_sharding`, the training batch replicated) on `mesh`, after checking the options."""
+    from dynamics.sharding import AXIS, replicate, shard_params
+
+    if method != "ntk":
+        raise ConfigError("a device mesh is supported with method ntk")
+    if chunk_size % mesh.shape[AXIS]:
+        raise ConfigError(f"chunk_size {chunk_size} must be a multiple of the {mesh.shape[AXIS]} devices")
+    return shard_params(params, mesh, param_sharding), replicate(strip(train), mesh)

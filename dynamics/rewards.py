@@ -27,9 +27,142 @@ from dynamics.models import LM, Params
 from dynamics.reward_types import reward_type
 from dynamics.text import ExgrmBatch, PairBatch, last_token_index
 
+__all__ = [
+    "ExplicitRM",
+    "GenerativeRM",
+    "ImplicitRM",
+    "RewardModel",
+    "answer_logprobs_from_hidden",
+    "bt_loss",
+    "bt_losses",
+    "bt_weight",
+    "exgrm_losses",
+    "gathered_response_logprob",
+    "head_reward",
+    "last_state",
+    "make_reward_model",
+    "pooled_features",
+    "response_logprob",
+    "target_logprobs",
+    "token_logprobs",
+    "token_logprobs_from_hidden",
+]
+
 
 def _arrays(batch) -> tuple[Array, Array]:
     return jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reward math from hidden states (defined once: the reward-model classes and the training engine call these)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def target_logprobs(lm: LM, lm_params: Params, hidden: Float[Array, "*N D"], targets: Int[Array, "*N"]) -> Array:
+    """ln softmax(W h)[target] for each hidden state h and its target token, in float32 or wider (nats, ≤ 0).
+
+    docs/math.md §1: π(y_k | x, y<k) = softmax(W h_{x,y<k})[y_k]. Any leading shape: [B, T−1, D] with [B, T−1]
+    (every position) or [N, D] with [N] (gathered positions).
+    """
+    logits = lm.unembed(lm_params, hidden)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return target - jax.nn.logsumexp(logits, axis=-1)
+
+
+def token_logprobs_from_hidden(
+    lm: LM, lm_params: Params, hidden: Float[Array, "B T D"], tokens: Int[Array, "B T"]
+) -> Float[Array, "B T"]:
+    """ln π(tokens[t] | tokens[<t]) at every position t ≥ 1 from the hidden states (position 0 gets 0).
+
+    Position t's probability comes from the hidden state at t − 1 (docs/math.md §1).
+    """
+    lp = target_logprobs(lm, lm_params, hidden[:, :-1], tokens[:, 1:])  # h at t − 1 predicts tokens[:, t]
+    return jnp.concatenate([jnp.zeros_like(lp[:, :1]), lp], axis=1)
+
+
+def gathered_response_logprob(
+    lm: LM,
+    lm_params: Params,
+    hidden: Float[Array, "B T D"],
+    source: Int[Array, "B R"],
+    target: Int[Array, "B R"],
+    valid: Float[Array, "B R"],
+) -> Float[Array, " B"]:
+    """ln π(y|x) = Σ_k ln π(y_k | x, y<k) read only at the positions that predict response tokens (docs/math.md §1).
+
+    Args:
+      lm: the language model.
+      lm_params: its parameters.
+      hidden: final hidden states.
+      source: for each response token y_k at position t, the position t − 1 whose hidden state predicts it.
+      target: the tokens y_k.
+      valid: 1 on real entries, 0 on padding.
+
+    Returns:
+      The summed log-probability of each row (nats; the same sum as `response_logprob`, |y| unembeddings per row
+      instead of T).
+    """
+    B, R = source.shape
+    h = jnp.take_along_axis(hidden, source[..., None], axis=1)  # [B, R, D]
+    flat = target_logprobs(lm, lm_params, jnp.reshape(h, (B * R, h.shape[-1])), jnp.reshape(target, (B * R,)))
+    lp = jnp.reshape(flat, (B, R))  # [B·R, V] logits: 2-D throughout
+    return jnp.sum(lp * valid.astype(lp.dtype), axis=-1)
+
+
+def last_state(hidden: Float[Array, "B T D"], attention_mask: Int[Array, "B T"]) -> Float[Array, "B D"]:
+    """The hidden state at the last real token of each row (`dynamics.text.last_token_index`, either padding)."""
+    return jnp.take_along_axis(hidden, last_token_index(attention_mask)[:, None, None], axis=1)[:, 0]
+
+
+def pooled_features(
+    hidden: Float[Array, "B T D"],
+    attention_mask: Int[Array, "B T"],
+    response_mask: Int[Array, "B T"] | None,
+    pooling: str,
+) -> Float[Array, "B D"]:
+    """What the EX-RM head reads (docs/math.md §1, §6.4): h at the last token ("last"), or the mean of h over
+    the response positions ("mean", which needs `response_mask`)."""
+    if pooling == "last":
+        return last_state(hidden, attention_mask)
+    w = jnp.asarray(response_mask).astype(hidden.dtype)
+    return jnp.einsum("BTD,BT->BD", hidden, w) / jnp.sum(w, axis=-1, keepdims=True)
+
+
+def head_reward(features: Float[Array, "B D"], u: Float[Array, " D"]) -> Float[Array, " B"]:
+    """r_EX = ⟨u, h⟩ for each row (docs/math.md §1; arbitrary units, only differences matter for BT)."""
+    return jnp.einsum("BD,D->B", features, u.astype(features.dtype))
+
+
+def answer_logprobs_from_hidden(
+    lm: LM, lm_params: Params, hidden: Float[Array, "B T D"], attention_mask: Int[Array, "B T"], yes_id: int, no_id: int
+) -> Float[Array, "B 2"]:
+    """[ln π("Yes"), ln π("No")] at the last real position (docs/math.md §6.5), float32 or wider (nats)."""
+    logits = lm.unembed(lm_params, last_state(hidden, attention_mask))
+    lp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
+    return jnp.stack([lp[:, yes_id], lp[:, no_id]], axis=-1)
+
+
+def exgrm_losses(lp_chosen: Float[Array, "B 2"], lp_rejected: Float[Array, "B 2"]) -> Float[Array, " B"]:
+    """EX-GRM cross-entropy per pair (docs/math.md §6.5): ℓ_i = −½ [ln π(Yes | x_i, y_i+) + ln π(No | x_i, y_i−)].
+
+    The ½ makes the batch mean the official code's mean over the 2B concatenated sequences.
+
+    Args:
+      lp_chosen: `answer_logprobs_from_hidden` of the chosen rows.
+      lp_rejected: the same for the rejected rows.
+    """
+    return -0.5 * (lp_chosen[:, 0] + lp_rejected[:, 1])
+
+
+def bt_losses(r_chosen: Float[Array, " B"], r_rejected: Float[Array, " B"]) -> Float[Array, " B"]:
+    """Per-pair Bradley-Terry loss ℓ_i = −ln σ(r_i+ − r_i−) (docs/math.md §1; `bt_loss` is their mean)."""
+    return -jax.nn.log_sigmoid(r_chosen - r_rejected)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference computations from token ids
+# ----------------------------------------------------------------------------------------------------------
 
 
 def token_logprobs(
@@ -39,12 +172,7 @@ def token_logprobs(
 
     Position t's probability comes from the hidden state at t − 1 (docs/math.md §1: softmax(W h_{x,y<k})).
     """
-    hidden = lm.forward(params, tokens, attention_mask)
-    logits = lm.unembed(params, hidden[:, :-1])  # predicts tokens[:, 1:]
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    target = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    lp = target - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.concatenate([jnp.zeros_like(lp[:, :1]), lp], axis=1)
+    return token_logprobs_from_hidden(lm, params, lm.forward(params, tokens, attention_mask), tokens)
 
 
 def response_logprob(lm: LM, params: Params, batch: PairBatch) -> Float[Array, " B"]:
@@ -83,16 +211,11 @@ class ExplicitRM:
         """The vector the head reads: h at the last token, or the mean of h over response positions."""
         tokens, mask = _arrays(batch)
         hidden = self.lm.forward(params["lm"], tokens, mask)
-        if self.pooling == "last":
-            idx = last_token_index(mask)
-            return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
-        rm = jnp.asarray(batch.response_mask).astype(hidden.dtype)
-        return jnp.einsum("BTD,BT->BD", hidden, rm) / jnp.sum(rm, axis=-1, keepdims=True)
+        return pooled_features(hidden, mask, getattr(batch, "response_mask", None), self.pooling)
 
     def reward(self, params: Params, batch: PairBatch) -> Float[Array, " B"]:
         """r_EX(x, y) for every row (arbitrary units; only differences matter for BT)."""
-        h = self.features(params, batch)
-        return jnp.einsum("BD,D->B", h, params["head"]["u"].astype(h.dtype))
+        return head_reward(self.features(params, batch), params["head"]["u"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,19 +286,16 @@ class GenerativeRM:
         """[ln π("Yes"), ln π("No")] at the last real position."""
         tokens, mask = _arrays(batch)
         hidden = self.lm.forward(params["lm"], tokens, mask)
-        h = jnp.take_along_axis(hidden, last_token_index(mask)[:, None, None], axis=1)[:, 0]
-        logits = self.lm.unembed(params["lm"], h)
-        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-        lp = jax.nn.log_softmax(logits, axis=-1)
-        return jnp.stack([lp[:, self.yes_id], lp[:, self.no_id]], axis=-1)
+        return answer_logprobs_from_hidden(self.lm, params["lm"], hidden, mask, self.yes_id, self.no_id)
 
     def reward(self, params: Params, batch: ExgrmBatch) -> Float[Array, " B"]:
         """π("Yes" | input) ∈ (0, 1)."""
         return jnp.exp(self.answer_logprobs(params, batch)[:, 0])
 
     def loss(self, params: Params, chosen: ExgrmBatch, rejected: ExgrmBatch) -> Float[Array, ""]:
-        """Cross-entropy: −mean[ln π("Yes" | x, y+) + ln π("No" | x, y−)] (docs/math.md §6.5)."""
-        return -jnp.mean(self.answer_logprobs(params, chosen)[:, 0] + self.answer_logprobs(params, rejected)[:, 1])
+        """Cross-entropy −½·mean_i[ln π("Yes" | x_i, y_i+) + ln π("No" | x_i, y_i−)] (docs/math.md §6.5): the mean
+        of `exgrm_losses`, i.e. the official code's mean over the 2B sequences (what training minimizes)."""
+        return jnp.mean(exgrm_losses(self.answer_logprobs(params, chosen), self.answer_logprobs(params, rejected)))
 
 
 RewardModel = ExplicitRM | ImplicitRM | GenerativeRM

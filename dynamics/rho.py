@@ -1,17 +1,14 @@
-"""The token-level coefficients ρ_{k,l} of the IM-RM's one-step dynamics (docs/math.md §3.2, Eq. (5)).
+"""The ρ analysis of one unseen pair against one training triple, and its result type (docs/math.md §3.2).
 
-For an unseen pair (x̄, ȳ) and a training response v ∈ {y+, y−} of prompt x, with p = π(·|x̄, ȳ<k) and
-q = π(·|x, v<l) the two next-token distributions:
+For an unseen pair (x̄, ȳ) and a training response v ∈ {y+, y−} of prompt x (arXiv 2507.07981 Eq. (5)):
 
-    ρ_{k,l}(v) = ⟨e_{ȳ_k} − p, e_{v_l} − q⟩ = 1[ȳ_k = v_l] − q(ȳ_k) − p(v_l) + ⟨p, q⟩ ∈ [−2, 2].
+    ρ_{k,l}(v) = ⟨e_{ȳ_k} − p, e_{v_l} − q⟩ = 1[ȳ_k = v_l] − q(ȳ_k) − p(v_l) + ⟨p, q⟩ ∈ [−2, 2],
 
-The middle terms are cross probabilities: the training context's probability of the unseen token, and the unseen
-context's probability of the training token. Under Assumption 1 (only the unembedding W trains, untied)
-
-    ⟨∇_W r_IM(x̄,ȳ), ∇_W r_IM(x,v)⟩ = β² Σ_k Σ_l ⟨h_{x̄,ȳ<k}, h_{x,v<l}⟩ · ρ_{k,l}(v),
-
-the kernel term of Eq. (5). Everything here is computed in vocabulary chunks: the largest intermediate is
-O((|ȳ| + |v|) · chunk) (plus the [|ȳ|, |v|] outputs), never |ȳ| × |v| × V.
+with p = π(·|x̄, ȳ<k) and q = π(·|x, v<l). Under Assumption 1 (only the unembedding trains, untied) the kernel
+term of Eq. (5) is K(u, v) = β² Σ_k Σ_l ⟨h_{x̄,ȳ<k}, h_{x,v<l}⟩ · ρ_{k,l}(v). `rho_analysis` tokenizes one
+triple and one unseen pair, runs the model, and returns every ρ matrix, its four terms and the hidden
+similarities (`RhoResult`, for the ρ heat-map figure). The streaming ρ computation itself is
+`dynamics.kernels.rho_terms`.
 """
 
 from __future__ import annotations
@@ -19,145 +16,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
 
 from dynamics.errors import ConfigError, DataError
+from dynamics.kernels import DEFAULT_VOCAB_CHUNK, prediction_positions, rho_terms_jit
 
-DEFAULT_VOCAB_CHUNK = 8192
-
-
-@dataclasses.dataclass(frozen=True)
-class RhoTerms:
-    """The four terms of ρ_{k,l} as [K, L] arrays (k: unseen positions, l: training positions).
-
-    Attributes:
-      indicator: 1[ȳ_k = v_l].
-      cross_train: q_l(ȳ_k) = π(ȳ_k | x, v<l), the training context's probability of the unseen token.
-      cross_unseen: p_k(v_l) = π(v_l | x̄, ȳ<k), the unseen context's probability of the training token.
-      inner: ⟨p_k, q_l⟩, the overlap of the two next-token distributions.
-    """
-
-    indicator: Array
-    cross_train: Array
-    cross_unseen: Array
-    inner: Array
-
-    @property
-    def rho(self) -> Array:
-        """ρ = indicator − cross_train − cross_unseen + inner."""
-        return self.indicator - self.cross_train - self.cross_unseen + self.inner
-
-
-jax.tree_util.register_dataclass(
-    RhoTerms, data_fields=["indicator", "cross_train", "cross_unseen", "inner"], meta_fields=[]
-)
-
-
-def _softcap(z: Array, cap: float | None) -> Array:
-    return z if cap is None else jnp.tanh(z / cap) * cap
-
-
-def _chunk_logits(h: Array, W: Array, start: Array, chunk: int, cap: float | None) -> Array:
-    Wc = jax.lax.dynamic_slice_in_dim(W, start, chunk, axis=0)
-    return _softcap(jnp.einsum("KD,CD->KC", h, Wc.astype(h.dtype)), cap)
-
-
-def _chunks(V: int, chunk: int) -> tuple[int, int]:
-    chunk = min(chunk, V)
-    return chunk, -(-V // chunk)
-
-
-def _chunk_start_and_valid(i: Array, V: int, chunk: int) -> tuple[Array, Bool[Array, " C"]]:
-    """The last chunk is shifted back to end at V (no padded copy of W); its overlap with the previous one is
-    masked out."""
-    start = jnp.minimum(i * chunk, V - chunk)
-    valid = start + jnp.arange(chunk) >= i * chunk
-    return start, valid
-
-
-def rho_terms(
-    h_unseen: Float[Array, "K D"],
-    tokens_unseen: Int[Array, " K"],
-    h_train: Float[Array, "L D"],
-    tokens_train: Int[Array, " L"],
-    W: Float[Array, "V D"],
-    *,
-    chunk: int = DEFAULT_VOCAB_CHUNK,
-    softcap: float | None = None,
-) -> RhoTerms:
-    """The four terms of ρ_{k,l} for the contexts h (hidden states that predict each token) and the tokens.
-
-    One streaming pass over vocabulary chunks computes both log-partitions and ⟨p_k, q_l⟩ together, with running
-    maxima (the online-softmax rescaling): S_{kl} = Σ_v exp(z_{kv} − m_k) exp(z'_{lv} − m'_l) is rescaled whenever
-    m or m' grows, and ⟨p_k, q_l⟩ = S_{kl} / (s_k s'_l) at the end. The cross terms are gathers at the tokens.
-
-    Args:
-      h_unseen: h_{x̄,ȳ<k}, the hidden state that predicts ȳ_k, for k = 1..K.
-      tokens_unseen: ȳ_k.
-      h_train: h_{x,v<l} for l = 1..L.
-      tokens_train: v_l.
-      W: the unembedding [V, D]; p = softmax(W h) (soft-capped logits if `softcap`).
-      chunk: vocabulary chunk size.
-      softcap: Gemma 2's final logit cap, or None.
-
-    Returns:
-      `RhoTerms` of [K, L] arrays, in float32 (float64 if the inputs are).
-    """
-    acc = jnp.promote_types(h_unseen.dtype, jnp.float32)
-    h_u, h_v = h_unseen.astype(acc), h_train.astype(acc)
-    K, L = h_u.shape[0], h_v.shape[0]
-    V = W.shape[0]
-    chunk, n = _chunks(V, chunk)
-
-    def body(carry, i):
-        m_u, s_u, m_v, s_v, S = carry
-        start, valid = _chunk_start_and_valid(i, V, chunk)
-        z_u = jnp.where(valid[None, :], _chunk_logits(h_u, W, start, chunk, softcap).astype(acc), -jnp.inf)
-        z_v = jnp.where(valid[None, :], _chunk_logits(h_v, W, start, chunk, softcap).astype(acc), -jnp.inf)
-        mu, mv = jnp.maximum(m_u, z_u.max(-1)), jnp.maximum(m_v, z_v.max(-1))
-        cu, cv = jnp.exp(m_u - mu), jnp.exp(m_v - mv)
-        e_u, e_v = jnp.exp(z_u - mu[:, None]), jnp.exp(z_v - mv[:, None])
-        S = S * cu[:, None] * cv[None, :] + jnp.einsum("KC,LC->KL", e_u, e_v)
-        return (mu, s_u * cu + e_u.sum(-1), mv, s_v * cv + e_v.sum(-1), S), None
-
-    init = (
-        jnp.full((K,), -jnp.inf, acc),
-        jnp.zeros((K,), acc),
-        jnp.full((L,), -jnp.inf, acc),
-        jnp.zeros((L,), acc),
-        jnp.zeros((K, L), acc),
-    )
-    (m_u, s_u, m_v, s_v, S), _ = jax.lax.scan(body, init, jnp.arange(n))
-    lse_u, lse_v = m_u + jnp.log(s_u), m_v + jnp.log(s_v)
-    inner = S / (s_u[:, None] * s_v[None, :])
-    Wa, Wb = W[tokens_unseen].astype(acc), W[tokens_train].astype(acc)
-    # q_l(ȳ_k): training context l, unseen token k  → [K, L]
-    cross_train = jnp.exp(_softcap(jnp.einsum("KD,LD->KL", Wa, h_v), softcap) - lse_v[None, :])
-    # p_k(v_l): unseen context k, training token l → [K, L]
-    cross_unseen = jnp.exp(_softcap(jnp.einsum("KD,LD->KL", h_u, Wb), softcap) - lse_u[:, None])
-    indicator = (tokens_unseen[:, None] == tokens_train[None, :]).astype(acc)
-    return RhoTerms(indicator, cross_train, cross_unseen, inner)
-
-
-def prediction_positions(tokens: Int[Array, " T"], response_mask: Int[Array, " T"]) -> tuple[Array, Array]:
-    """(index of the context that predicts each token, the token): for response token t, context t − 1."""
-    idx = np.flatnonzero(np.asarray(response_mask))
-    if idx.size == 0:
-        raise DataError("a response has no tokens (empty response mask)")
-    if idx[0] == 0:
-        raise DataError("a response starts at position 0: there is no context to predict its first token")
-    return idx - 1, np.asarray(tokens)[idx]
+__all__ = ["RhoPanel", "RhoResult", "closing_token_count", "load_rho_json", "rho_analysis"]
 
 
 def closing_token_count(tokenizer) -> int:
     """How many tokens the chat template appends after every response's content (e.g. `<|im_end|>` + newline).
 
-    Found as the common suffix of the response tokens of two different one-word answers.
+    Found as the common suffix of the response tokens of two different one-word answers (the template's closing
+    tokens, docs/math.md §1; they dominate the ρ sums, docs/math.md §9).
     """
     from dynamics.text import split_prompt_response
 
@@ -173,7 +49,7 @@ def closing_token_count(tokenizer) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class RhoPanel:
-    """ρ and its factors for one unseen pair against one training response v.
+    """ρ and its factors for one unseen pair against one training response v (docs/math.md §3.2, Eq. (5)).
 
     Attributes:
       train_tokens: the token strings of v (the l axis).
@@ -263,11 +139,11 @@ class RhoResult:
             "meta": self.meta,
         }
 
-    def to_json(self, path: str) -> str:
-        """Write `to_dict()` atomically; returns the path."""
-        from dynamics.outputs import jsonable, write_json_atomic
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write `to_dict()` as JSON, atomically; returns the path."""
+        from dynamics.outputs import write_json_atomic
 
-        return str(write_json_atomic(path, jsonable(self.to_dict())))
+        return write_json_atomic(path, self.to_dict())
 
 
 def rho_analysis(
@@ -335,7 +211,7 @@ def rho_analysis(
     W = unembedding(params["lm"])
     cap = rm.lm.config.final_logit_softcap
     u_ctx, u_tok = positions(2)
-    fn = _rho_terms_jit
+    fn = rho_terms_jit
     panels = []
     for row in (0, 1):
         v_ctx, v_tok = positions(row)
@@ -372,22 +248,11 @@ def rho_analysis(
 
 
 _TERM_NAMES = ("indicator", "cross_train", "cross_unseen", "inner")
-_rho_terms_jit = jax.jit(rho_terms, static_argnames=("chunk", "softcap"))
 _forward_jit = jax.jit(lambda lm, p, t, m: lm.forward(p, t, m), static_argnums=0)
 
 
-def rho_from_distributions(
-    a: Int[Array, " K"], p: Float[Array, "K V"], b: Int[Array, " L"], q: Float[Array, "L V"]
-) -> Float[Array, "K L"]:
-    """Reference ρ_{k,l} = ⟨e_{a_k} − p_k, e_{b_l} − q_l⟩ from full vocabulary vectors (for tests, small V)."""
-    V = p.shape[-1]
-    eu = jax.nn.one_hot(a, V, dtype=p.dtype) - p
-    ev = jax.nn.one_hot(b, V, dtype=q.dtype) - q
-    return eu @ ev.T
-
-
 def load_rho_json(path: str) -> dict[str, Any]:
-    """Read a `RhoResult.to_json` file (for figures)."""
+    """Read a file written by `RhoResult.save` (for figures)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     with open(path, encoding="utf-8") as fh:

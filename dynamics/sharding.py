@@ -3,7 +3,7 @@
 One mesh axis, "data". Batches (unseen pairs, training rows) are split along it; parameters are either replicated
 (`"replicate"`: plain data parallelism) or split along it too (`"fsdp"`: each matrix is cut along its largest axis
 that the device count divides, so every device holds 1/n of the model; XLA gathers what each step needs). The
-jitted functions of `dynamics.delta`, `dynamics.step` and `dynamics.train` are unchanged: GSPMD propagates the
+jitted functions of `dynamics.delta`, `dynamics.step` and `dynamics.training` are unchanged: GSPMD propagates the
 input shardings, so a sharded run computes the same numbers as a single-device one, up to the order of float
 reductions.
 
@@ -20,6 +20,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dynamics.errors import ConfigError
+
+__all__ = [
+    "AXIS",
+    "ParamMode",
+    "bytes_per_device",
+    "data_devices",
+    "make_mesh",
+    "param_spec",
+    "place_rows",
+    "replicate",
+    "shard_batch",
+    "shard_params",
+]
 
 ParamMode = Literal["replicate", "fsdp"]
 AXIS = "data"
@@ -75,6 +88,24 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Every leaf replicated on the mesh (small inputs such as one training triple)."""
     return jax.tree.map(lambda x: jax.device_put(np.asarray(x), NamedSharding(mesh, PartitionSpec())), tree)
+
+
+def data_devices(mesh: Mesh | None) -> int:
+    """Devices along the mesh's "data" axis (1 without a mesh)."""
+    return 1 if mesh is None else int(mesh.shape[AXIS])
+
+
+def place_rows(tree: Any, mesh: Mesh | None) -> Any:
+    """A tree of arrays with rows first (a micro-batch, an evaluation chunk) as a jitted step takes it.
+
+    Without a mesh: unchanged (host arrays). On a mesh: split along the rows over its devices, or replicated when
+    the rows of some leaf do not divide (only the short last micro-batch of an epoch can be such).
+    """
+    if mesh is None:
+        return tree
+    n = data_devices(mesh)
+    rows = [np.shape(leaf)[0] for leaf in jax.tree.leaves(tree)]
+    return shard_batch(tree, mesh) if all(r % n == 0 for r in rows) else replicate(tree, mesh)
 
 
 def bytes_per_device(tree: Any) -> dict[str, int]:

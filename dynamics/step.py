@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dynamics.batches import PairBatch, PreferenceBatch
 from dynamics.chunking import batch_chunks, strip
 from dynamics.delta import (
     TRACE_COUNTS,
@@ -28,7 +29,6 @@ from dynamics.delta import (
 from dynamics.errors import ConfigError
 from dynamics.masks import combine, partition, prepare, trainable_mask
 from dynamics.rewards import RewardModel, bt_loss
-from dynamics.text import PairBatch, PreferenceBatch
 
 
 def make_optimizer(name: Optimizer, lr) -> optax.GradientTransformation:

@@ -1,6 +1,6 @@
 """Reading finished (or running) experiment outputs back: run directories and Footnote-3 results.
 
-A run directory is what `dynamics.train.train` writes (config.json, metrics.jsonl, summary.json, checkpoints/),
+A run directory is what `dynamics.training.train` writes (config.json, metrics.jsonl, summary.json, checkpoints/),
 plus generation.json for a Hamiltonian IM-RM. An experiment's output directory (`rmdyn experiment … --out DIR`)
 holds one run directory per grid combination and results.json. `rmdyn footnote3` writes footnote3.json.
 
@@ -85,7 +85,7 @@ def read_run(path: str | os.PathLike) -> RunRecord:
     evals = []
     log = root / "metrics.jsonl"
     if not log.exists():
-        raise DataError(f"{root}: no metrics.jsonl (not a run directory written by dynamics.train)")
+        raise DataError(f"{root}: no metrics.jsonl (not a run directory written by dynamics.training)")
     for n, line in enumerate(log.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue

@@ -1,4 +1,4 @@
-"""Run in a subprocess with 8 forced host devices: `dynamics.train` sharded (data parallel, FSDP) vs one device.
+"""Run in a subprocess with 8 forced host devices: `dynamics.training` sharded (data parallel, FSDP) vs one device.
 
 A tiny float64 llama trains a few Adam steps with gradient accumulation (batch 16 = 2 micro-batches of 8):
 EX-RM with `last:1` (frozen-block cache, frozen parameters on the mesh; 36 rows, so the last step of an epoch
@@ -31,7 +31,7 @@ from dynamics.masks import partition, trainable_mask  # noqa: E402
 from dynamics.models import LM, DecoderConfig, cast_params  # noqa: E402
 from dynamics.sharding import AXIS, bytes_per_device, make_mesh, param_spec  # noqa: E402
 from dynamics.text import PairBatch, PreferenceBatch  # noqa: E402
-from dynamics.train import EvalSuite, TrainConfig, build_reward_model, train  # noqa: E402
+from dynamics.training import EvalSuite, TrainConfig, build_reward_model, train  # noqa: E402
 
 V, T = 64, 14
 

@@ -58,7 +58,7 @@ CASES = {
         ["--out /proc/rmdyn-no-such/out: cannot create it: the parent directory /proc is not writable"],
     ),
     "theorem2 --out json is a dir": (["theorem2", "--out", "{tmp}/occupied"], ["theorem2.json is a directory"]),
-    # TrainConfig values given with --set: dynamics.train_config is pure Python
+    # TrainConfig values given with --set: dynamics.training.config is pure Python
     "experiment --set lr=-1": (["experiment", "persona", "--set", "lr=-1", "--out", "{tmp}/o"], ["lr must be > 0"]),
     "experiment --set micro_batch_size": (
         ["experiment", "persona", "--set", "micro_batch_size=3", "--out", "{tmp}/o"],
@@ -282,7 +282,7 @@ def test_training_shows_its_stages_before_the_first_step(capsys, monkeypatch):
 
     from dynamics.models import LM, DecoderConfig
     from dynamics.text import PairBatch, PreferenceBatch
-    from dynamics.train import EvalSuite, TrainConfig, train
+    from dynamics.training import EvalSuite, TrainConfig, train
 
     config = DecoderConfig(family="llama", vocab_size=32, d_model=8, n_layers=2, n_heads=2, n_kv_heads=1,
                            head_dim=4, d_ff=16, tie_embeddings=True)  # fmt: skip
@@ -306,7 +306,7 @@ def test_training_shows_its_stages_before_the_first_step(capsys, monkeypatch):
     def first_step(*args, **kwargs):  # stop where the first optimizer step would start (its compilation is slow)
         raise FirstStep
 
-    monkeypatch.setattr("dynamics.train._accumulate", first_step)
+    monkeypatch.setattr("dynamics.training.engine.accumulate_gradients", first_step)
     with pytest.raises(FirstStep):
         train(TrainConfig(**options), lm, params, data, suite, progress=True)
     err = capsys.readouterr().err

@@ -90,7 +90,7 @@ def test_persona_bad_data_fails_before_training(tmp_path, monkeypatch, capsys):
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr("dynamics.train.train", no_training)
+    monkeypatch.setattr("dynamics.training.train", no_training)
     monkeypatch.setattr("dynamics.loading.load", no_training)
     bad = tmp_path / "persona.jsonl"
     good = json.dumps({"question": "Q?", "statement": "S", "answer_matching_behavior": " Yes",

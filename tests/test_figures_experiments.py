@@ -22,7 +22,7 @@ def _metrics(name: str, acc: float, margin: float = 1.0) -> dict[str, float]:
 
 def write_run(root: Path, experiment: str, kind: str, evals: list[dict], info: dict | None = None,
               model: str = "tiny", extra: dict | None = None, finished: bool = True) -> Path:  # fmt: skip
-    """A run directory as dynamics.train writes it (the fields rmdyn figures reads)."""
+    """A run directory as dynamics.training writes it (the fields rmdyn figures reads)."""
     root.mkdir(parents=True)
     config = {"reward_model": {"kind": kind}, "model": {"name": model},
               "data": {"info": {"experiment": experiment, **(info or {})}}}  # fmt: skip

@@ -165,7 +165,7 @@ def test_bad_options_fail_before_training(tmp_path, monkeypatch, capsys, overrid
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr("dynamics.train.train", no_training)
+    monkeypatch.setattr("dynamics.training.train", no_training)
     monkeypatch.setattr("dynamics.loading.load", no_training)
     code = cli.main(["experiment", "hamiltonian", "--set", override, "--out", str(tmp_path / "out")])
     assert code == 2 and message in capsys.readouterr().err

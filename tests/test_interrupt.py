@@ -24,14 +24,14 @@ from experiments.cli import interrupt
 ENTRY = "import sys; from experiments.cli import entry; sys.argv = ['rmdyn', *sys.argv[1:]]; entry()"
 SLOW_STEP_ENTRY = """
 import sys, time
-import dynamics.train as train
-inner = train._accumulate
+import dynamics.training.engine as engine
+inner = engine.accumulate_gradients
 
 def slow(*args, **kwargs):  # a slow step, so that the interrupt lands mid-run
     time.sleep(0.5)
     return inner(*args, **kwargs)
 
-train._accumulate = slow
+engine.accumulate_gradients = slow
 from experiments.cli import entry
 sys.argv = ['rmdyn', *sys.argv[1:]]
 entry()

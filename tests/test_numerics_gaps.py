@@ -1,6 +1,6 @@
 """Numerics the rest of the suite only checked against the code's own output, now against independent computations.
 
-- Adam's first real step (dynamics.step) and AdamW training (dynamics.train) against numpy, on the EX-RM head,
+- Adam's first real step (dynamics.step) and AdamW training (dynamics.training) against numpy, on the EX-RM head,
   whose BT gradient has the closed form −(1/B) Σ_i σ(r_i− − r_i+) (h_i+ − h_i−);
 - the IM-RM's cached ln π_ref against numpy log-softmax of the reference model's logits (float64, ≤ 1e-12);
 - the reference-free IM-RM's Δr against materialized autodiff gradients and a finite real step;
@@ -30,7 +30,7 @@ from dynamics.models import LM, DecoderConfig, cast_params, resize_vocab, untie
 from dynamics.rewards import ExplicitRM, ImplicitRM
 from dynamics.step import _real_step
 from dynamics.text import ExgrmBatch, PairBatch, PreferenceBatch
-from dynamics.train import EvalSuite, TrainConfig, train
+from dynamics.training import EvalSuite, TrainConfig, train
 
 V, D, T = 40, 16, 12
 EPS = 1e-8  # optax's and torch's Adam ε, added to √v̂ (outside the square root)
@@ -183,19 +183,19 @@ class _Captured(Exception):
 def test_reference_logprob_cache_keeps_float64(x64, monkeypatch):
     """The cache the training step subtracts is ln π_ref of every training row in the run's float64 (≤ 1e-12).
 
-    "last:1": the cache is computed on the frozen blocks' cached output. The first step's `_accumulate` receives
-    the cache and stops the run (nothing else needs compiling)."""
-    import dynamics.train as train_module
+    "last:1": the cache is computed on the frozen blocks' cached output. The first step's `accumulate_gradients`
+    receives the cache and stops the run (nothing else needs compiling)."""
+    from dynamics.training import engine
 
     lm, params = _lm()
     data = _data(6, 3)
     seen = []
 
-    def spy(compiled, train_tree, frozen, micro_batches, data, ref_train, *rest, **kw):
-        seen.append({k: np.array(v) for k, v in ref_train.items()})
+    def spy(compiled, train_tree, frozen, micro_batches, pairs, *rest, **kw):
+        seen.append({"chosen": np.array(pairs.ref_chosen), "rejected": np.array(pairs.ref_rejected)})
         raise _Captured
 
-    monkeypatch.setattr(train_module, "_accumulate", spy)
+    monkeypatch.setattr(engine, "accumulate_gradients", spy)
     config = TrainConfig(reward="im", params="last:1", lr=1e-2, max_steps=1, batch_size=6, micro_batch_size=6)
     with pytest.raises(_Captured):
         train(config, lm, params, data, None, progress=False)

@@ -16,18 +16,18 @@ from dynamics.masks import partition, trainable_mask
 from dynamics.models import LM, DecoderConfig
 from dynamics.packing import SEGMENT_PAD, pack_pairs, packed_attention_mask, worth_packing
 from dynamics.text import ExgrmBatch, PreferenceBatch
-from dynamics.train import (
+from dynamics.training import (
+    OptimizerSpec,
+    Rows,
     TrainConfig,
-    _add_lower_cache,
-    _compiled_for,
-    _concat,
-    _fields,
-    _hidden,
-    _optimizer_key,
+    add_lower_cache,
     build_reward_model,
+    compile_step,
     frozen_prefix,
+    hidden_states,
     response_index,
     train,
+    with_packing,
 )
 
 V = 48
@@ -120,13 +120,13 @@ def test_worth_packing_rule():
 def test_packed_hidden_states_equal_the_separate_sequences(x64, family, padding):
     lm, params = _lm(family)
     data = _pairs(padding)
-    c, r = _fields(data.chosen), _fields(data.rejected)
-    fields = {**_concat(c, r), **pack_pairs(c, r, bucket=4)}
-    assert fields["pack_tokens"].shape[1] < 2 * c["tokens"].shape[1]
-    packed = np.asarray(_hidden(lm, params, {k: jnp.asarray(v) for k, v in fields.items()}, 0))
-    both = _concat(c, r)
-    separate = np.asarray(lm.forward(params, both["tokens"], both["attention_mask"]))
-    real = both["attention_mask"].astype(bool)
+    c, r = Rows.from_batch(data.chosen), Rows.from_batch(data.rejected)
+    rows = with_packing(Rows.concat(c, r), pack_pairs(c.arrays(), r.arrays(), bucket=4))
+    assert rows.pack_tokens.shape[1] < 2 * c.tokens.shape[1]
+    packed = np.asarray(hidden_states(lm, params, jax.tree.map(jnp.asarray, rows), 0))
+    both = Rows.concat(c, r)
+    separate = np.asarray(lm.forward(params, both.tokens, both.attention_mask))
+    real = both.attention_mask.astype(bool)
     np.testing.assert_allclose(packed[real], separate[real], rtol=1e-12, atol=1e-12)
 
 
@@ -139,22 +139,22 @@ def _micro_step_grads(kind: str, spec: str, family: str, padding: str, pack: boo
     train_tree, frozen = partition(p, mask)
     train_tree = {k: v for k, v in train_tree.items() if k != "ref"}
     frozen = {k: v for k, v in frozen.items() if k != "ref"}
-    compiled = _compiled_for(rm, start, _optimizer_key(config))
+    compiled = compile_step(rm, start, OptimizerSpec.from_config(config))
     data = _pairs(padding, seed=1)
     if kind == "exgrm":
         data = PreferenceBatch(*(ExgrmBatch(s.tokens, s.attention_mask) for s in (data.chosen, data.rejected)))
-    c, r = _fields(data.chosen), _fields(data.rejected)
+    c, r = Rows.from_batch(data.chosen), Rows.from_batch(data.rejected)
     if start:
-        _add_lower_cache(compiled, frozen["lm"], c, 3, 4)
-        _add_lower_cache(compiled, frozen["lm"], r, 3, 4)
-    both = _concat(c, r)
+        c = add_lower_cache(compiled, frozen["lm"], c, 3, 4)
+        r = add_lower_cache(compiled, frozen["lm"], r, 3, 4)
+    both = Rows.concat(c, r)
     if kind.startswith("im"):
-        both.update(response_index(both["tokens"], both["response_mask"], 4))
+        both = response_index(both, 4)
     if pack:
-        both.update(pack_pairs(c, r, 4))
-    b = c["tokens"].shape[0]
+        both = with_packing(both, pack_pairs(c.arrays(), r.arrays(), 4))
+    b = c.tokens.shape[0]
     ref = {"im": np.linspace(-3.0, -1.0, 2 * b), "im-noref": np.zeros(2 * b)}.get(kind)  # as train() passes
-    both = {k: jnp.asarray(v) for k, v in both.items()}
+    both = jax.tree.map(jnp.asarray, both)
     grads, loss, wins = compiled.first_micro_step(train_tree, frozen, both, ref)
     return grads, float(loss), float(wins), start
 
@@ -188,7 +188,7 @@ def test_packed_micro_step_equals_the_unpacked_one(x64, kind, spec, family, padd
 def test_training_with_and_without_packing_ends_at_the_same_parameters(x64):
     lm, params = _lm("llama")
     data = _pairs("right", seed=2)
-    from dynamics.train import EvalSuite
+    from dynamics.training import EvalSuite
 
     suite = EvalSuite.from_preferences({"train": data})
     common = dict(reward="im", lr=1e-2, epochs=2, batch_size=5, micro_batch_size=5, bucket=4, eval_at_start=False)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dynamics.errors import ConfigError
-from dynamics.train import CPU_PASS_POSITIONS, EvalSuite, TrainConfig, pass_limit, split_passes, train
+from dynamics.training import CPU_PASS_POSITIONS, EvalSuite, TrainConfig, pass_limit, split_passes, train
 from tests.test_packing import _lm, _pairs
 
 

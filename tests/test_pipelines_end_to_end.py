@@ -193,14 +193,14 @@ def test_persona_refuses_an_occupied_out(persona_out, tiny_dir, capsys):
 
 _CHILD = """
 import sys, time
-import dynamics.train as train
-inner = train._accumulate
+import dynamics.training.engine as engine
+inner = engine.accumulate_gradients
 
 def slow(*args, **kwargs):  # a slow step, so that the kill lands mid-run
     time.sleep(0.8)
     return inner(*args, **kwargs)
 
-train._accumulate = slow
+engine.accumulate_gradients = slow
 from experiments.cli import main
 sys.exit(main({argv!r}))
 """

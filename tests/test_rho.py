@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dynamics.delta import delta_reward
+from dynamics.kernels import rho_from_distributions, rho_terms
 from dynamics.models import LM, DecoderConfig, cast_params, default_model_path
 from dynamics.rewards import ImplicitRM
-from dynamics.rho import closing_token_count, rho_analysis, rho_from_distributions, rho_terms
+from dynamics.rho import closing_token_count, rho_analysis
 from dynamics.text import encode_pairs, encode_preferences
 from dynamics.tokenizer import load_tokenizer
 

@@ -1,4 +1,4 @@
-"""dynamics.train: BT / EX-GRM training with optax, checked against independent computations.
+"""dynamics.training: BT / EX-GRM training with optax, checked against independent computations.
 
 A tiny random decoder (V = 64, D = 16, 3 blocks) and hand-built PairBatch arrays keep every test fast; jitted
 functions are shared between the runs of this process, so most runs after the first compile nothing.
@@ -23,19 +23,20 @@ from dynamics.masks import partition, trainable_mask
 from dynamics.models import LM, DecoderConfig
 from dynamics.rewards import ImplicitRM, bt_loss
 from dynamics.text import ExgrmBatch, PairBatch, PreferenceBatch
-from dynamics.train import (
+from dynamics.training import (
     EvalSuite,
+    OptimizerSpec,
+    Rows,
     TrainConfig,
-    _compiled_for,
-    _logprobs,
-    _optimizer_key,
-    _score_set,
     batch_plan,
     bucket_length,
+    compile_step,
     epoch_order,
     evaluate_rewards,
     frozen_prefix,
     lower_hidden,
+    score_set,
+    sequence_logprobs,
     take_rows,
     train,
     upper_hidden,
@@ -136,11 +137,11 @@ def test_batch_plan_and_buckets():
     assert np.array_equal(np.concatenate([np.concatenate(s) for s in plan]), np.arange(20))
     assert [bucket_length(n, 16, 80) for n in (1, 16, 17, 79, 80)] == [16, 16, 32, 80, 80]
     data = preference_data(6, 0)
-    sets = [{"tokens": side.tokens, "attention_mask": side.attention_mask} for side in (data.chosen, data.rejected)]
+    sets = [Rows(side.tokens, side.attention_mask) for side in (data.chosen, data.rejected)]
     chosen, rejected = take_rows(sets, np.array([4, 1]), 4)
     longest = max(data.chosen.attention_mask[[4, 1]].sum(1).max(), data.rejected.attention_mask[[4, 1]].sum(1).max())
-    assert chosen["tokens"].shape == rejected["tokens"].shape == (2, -(-longest // 4) * 4)
-    assert np.array_equal(chosen["tokens"], data.chosen.tokens[[4, 1], : chosen["tokens"].shape[1]])
+    assert chosen.tokens.shape == rejected.tokens.shape == (2, -(-longest // 4) * 4)
+    assert np.array_equal(chosen.tokens, data.chosen.tokens[[4, 1], : chosen.tokens.shape[1]])
 
 
 def test_config_checks():
@@ -193,7 +194,7 @@ def test_split_forward_equals_the_decoder():
     ("kind", "spec"), [("ex", "last:1"), ("ex-mean", "all"), ("im", "last:1"), ("im", "all"), ("exgrm", "last:1")]
 )
 def test_fast_rewards_match_the_reference(tiny, kind, spec):
-    from dynamics.train import _add_lower_cache, _fields, build_reward_model
+    from dynamics.training import add_lower_cache, build_reward_model
 
     lm, params, _, _ = tiny
     config = TrainConfig(reward=kind, params=spec, eval_batch_size=3, bucket=4)
@@ -201,16 +202,16 @@ def test_fast_rewards_match_the_reference(tiny, kind, spec):
     mask = trainable_mask(rm, p, spec)
     start = frozen_prefix(p, mask, lm.config.n_layers)
     assert start == (0 if spec == "all" else 2)
-    compiled = _compiled_for(rm, start, _optimizer_key(config))
+    compiled = compile_step(rm, start, OptimizerSpec.from_config(config))
     data = preference_data(7, 4).rejected
-    fields = _fields(data if kind != "exgrm" else ExgrmBatch(data.tokens, data.attention_mask))
+    rows = Rows.from_batch(data if kind != "exgrm" else ExgrmBatch(data.tokens, data.attention_mask))
     if start:
-        _add_lower_cache(compiled, partition(p, mask)[1]["lm"], fields, 3, 4)
+        rows = add_lower_cache(compiled, partition(p, mask)[1]["lm"], rows, 3, 4)
     if isinstance(rm, ImplicitRM):
-        fast = _logprobs(compiled, p["lm"], fields, config)
+        fast = sequence_logprobs(compiled, p["lm"], rows, config)
         reference = rm.policy_logprob(p, data)
     else:
-        fast = _score_set(compiled, p, fields, None, config)
+        fast = score_set(compiled, p, rows, None, config)
         reference = rm.reward(p, data if kind != "exgrm" else ExgrmBatch(data.tokens, data.attention_mask))
     np.testing.assert_allclose(fast, np.asarray(reference), rtol=2e-5, atol=2e-6)
 
@@ -271,7 +272,7 @@ def test_accumulated_step_equals_the_full_batch_step(tiny, kind):
     accumulated = run(tiny, micro_batch_size=2, suite=EvalSuite({}, {}), **common)
     # The same rows, by hand: SGD on the batch-mean BT loss of dynamics.rewards.
     config = TrainConfig(reward=kind, params="last:1")
-    from dynamics.train import build_reward_model
+    from dynamics.training import build_reward_model
 
     rm, p, spec = build_reward_model(config, lm, params)
     mask = trainable_mask(rm, p, spec)
@@ -309,7 +310,7 @@ def test_masks_freeze_what_they_should(tiny, kind, spec):
     lm, params, _, _ = tiny
     result = run(tiny, reward=kind, params=spec, epochs=1, suite=EvalSuite({}, {}))
     config = TrainConfig(reward=kind, params=spec)
-    from dynamics.train import build_reward_model
+    from dynamics.training import build_reward_model
 
     rm, initial, spec = build_reward_model(config, lm, params)
     mask = trainable_mask(rm, initial, spec)
@@ -493,11 +494,11 @@ def test_final_metrics_hook_adds_to_the_final_evaluation(tiny, tmp_path):
 
 
 def test_ctrl_c_is_held_back_inside_a_state_update():
-    from dynamics.train import _deferred_interrupt
+    from dynamics.training import deferred_interrupt
 
     done = []
     with pytest.raises(KeyboardInterrupt):
-        with _deferred_interrupt():
+        with deferred_interrupt():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
             done.append(True)  # the block finishes before the interrupt is raised

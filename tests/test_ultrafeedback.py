@@ -170,7 +170,7 @@ def test_bad_data_file_names_file_and_line(tmp_path, monkeypatch, capsys):
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr("dynamics.train.train", no_training)
+    monkeypatch.setattr("dynamics.training.train", no_training)
     monkeypatch.setattr("dynamics.loading.load", no_training)
     bad = tmp_path / "train.jsonl"
     good = json.dumps({"prompt": "P", "chosen": "A", "rejected": "B"})

@@ -5,7 +5,7 @@ Bradley-Terry (DPO) loss, every parameter trainable, Adam, a batch of `--pairs` 
 tokens each (chosen and rejected: 2 × pairs sequences), split into micro-batches with gradient accumulation.
 Both sides start from the same weights (the default model's GGUF) and see the same token ids; both compute logits
 only at the positions that predict response tokens; torch runs with as many threads as the machine has cores,
-the number XLA uses. rmdyn's side is exactly what `dynamics.train.train` runs (`_compiled_for(...).micro_step`
+the number XLA uses. rmdyn's side is exactly what `dynamics.training.train` runs (`compile_step(...).micro_step`
 and `.apply`). Each pair is a real UltraFeedback prompt (the first T − R tokens, the same on both sides) and its
 chosen or rejected response (R tokens). rmdyn runs twice: as it trains by default (each pair packed into one row
 holding the prompt once, `dynamics.packing`) and with `pack_pairs=False` (the two sequences separately, as torch
@@ -83,7 +83,16 @@ def _rmdyn_step(loaded, batch, micro: int, spec: str, repeats: int, pack: bool =
 
     from dynamics.masks import partition, prepare, trainable_mask
     from dynamics.rewards import ImplicitRM
-    from dynamics.train import TrainConfig, _accumulate, _compiled_for, _optimizer_key, pass_limit, response_index
+    from dynamics.training import (
+        OptimizerSpec,
+        PairSet,
+        Rows,
+        TrainConfig,
+        accumulate_gradients,
+        compile_step,
+        pass_limit,
+        response_index,
+    )
 
     config = TrainConfig(lr=1e-6)
     rm = ImplicitRM(loaded.lm)
@@ -92,23 +101,22 @@ def _rmdyn_step(loaded, batch, micro: int, spec: str, repeats: int, pack: bool =
     train_tree, frozen = partition(params, mask)
     train_tree = jax.tree.map(jnp.copy, {k: v for k, v in train_tree.items() if k != "ref"})  # donated below
     frozen = {k: v for k, v in frozen.items() if k != "ref"}  # π_ref's log-probs are precomputed
-    compiled = _compiled_for(rm, 0, _optimizer_key(config))
+    compiled = compile_step(rm, 0, OptimizerSpec.from_config(config))
     opt_state = compiled.tx.init(train_tree)
     pairs = batch["chosen"]["tokens"].shape[0]
     micro_batches = [np.arange(s, min(s + micro, pairs)) for s in range(0, pairs, micro)]
     # the default bucket (16): T and the response length R stay as given
     config = TrainConfig(lr=1e-6, pack_pairs=pack, pass_positions=pass_positions)
-    data = batch
+    rows = {side: Rows(**batch[side]) for side in ("chosen", "rejected")}
     # reference log-probs, precomputed once (not timed), exactly as train() does
     ref = {}
     for side in ("chosen", "rejected"):
-        f = dict(batch[side])
-        f.update(response_index(f["tokens"], f["response_mask"], config.bucket))
-        ref[side] = np.asarray(compiled.logprob(params["ref"], {k: jnp.asarray(v) for k, v in f.items()}))
-    ref = {"chosen": ref["chosen"], "rejected": ref["rejected"]}
+        f = response_index(rows[side], config.bucket)
+        ref[side] = np.asarray(compiled.logprob(params["ref"], jax.tree.map(jnp.asarray, f)))
+    data = PairSet(rows["chosen"], rows["rejected"], ref["chosen"], ref["rejected"])
 
     def step(train_tree, opt_state):
-        acc, stats, counts = _accumulate(compiled, train_tree, frozen, micro_batches, data, ref, config)
+        acc, stats, counts = accumulate_gradients(compiled, train_tree, frozen, micro_batches, data, config)
         new_tree, new_opt, gnorm = compiled.apply(train_tree, opt_state, acc, jnp.asarray(stats["rows"], jnp.float32))
         jax.block_until_ready(new_tree)
         return new_tree, new_opt, float(gnorm), counts

@@ -19,7 +19,7 @@ The shape follows the official code's plans (a base config plus an options grid,
 
 Training plans also say where a run executes: `devices` (0: one device, no mesh; N: a mesh over the first N
 devices, `dynamics.sharding.make_mesh`) and the TrainConfig key `param_sharding` ("replicate" | "fsdp");
-`run_mesh` turns them into the `mesh` argument of `dynamics.train.train`.
+`run_mesh` turns them into the `mesh` argument of `dynamics.training.train`.
 
 Precedence: base < preset < `--set key=value`. A `--set` on a grid axis fixes it to that one value;
 `--set options.key=[json list]` replaces an axis. Every key is type-checked against its base value (an int
@@ -68,7 +68,7 @@ MODEL_KEYS = ("model", "dtype", "max_length", "truncate", "bucket_pad")
 
 
 def train_config(values: Mapping[str, Any]) -> Any:
-    """The `dynamics.train.TrainConfig` of a run: the plan keys that are TrainConfig fields (validated there)."""
+    """The `dynamics.training.TrainConfig` of a run: the plan keys that are TrainConfig fields (validated there)."""
     from dynamics.training import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -2,7 +2,7 @@
 
 `train_study(values, run_dir, encode, loaded=...)` loads values["model"] (unless a loaded model is given), calls
 the study's `encode(loaded) -> EncodedRun` (its batches, its evaluation suite, what to record, a final-metrics
-hook) and runs `dynamics.train.train` with the plan's TrainConfig and device mesh, so that config.json records the
+hook) and runs `dynamics.training.train` with the plan's TrainConfig and device mesh, so that config.json records the
 model and data the same way for every study (docs/math.md §6's common training protocol).
 """
 

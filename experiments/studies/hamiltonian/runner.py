@@ -62,7 +62,7 @@ def run(
       loaded: an already loaded model for values["model"] (not changed), else it is loaded.
 
     Returns:
-      The `dynamics.train.TrainResult`; for an IM-RM its final evaluation also holds
+      The `dynamics.training.TrainResult`; for an IM-RM its final evaluation also holds
       "generation/{train,test}/accuracy" and "generation/{train,test}/n".
     """
     data = hamiltonian_data(values)

@@ -97,7 +97,7 @@ def run(
       loaded: an already loaded model (`dynamics.loading.Loaded`) for values["model"], else it is loaded.
 
     Returns:
-      The `dynamics.train.TrainResult`.
+      The `dynamics.training.TrainResult`.
     """
     texts = persona_texts(values)
     return train_study(

@@ -71,7 +71,7 @@ def run(
       loaded: an already loaded model for values["model"], else it is loaded.
 
     Returns:
-      The `dynamics.train.TrainResult`; its final evaluation also holds "<set>/rows" (pairs per set).
+      The `dynamics.training.TrainResult`; its final evaluation also holds "<set>/rows" (pairs per set).
     """
     return train_study(values, run_dir, functools.partial(_encode, values), loaded=loaded, resume=resume,
                        progress=progress)  # fmt: skip

@@ -1,6 +1,7 @@
-"""The options of a training run (`TrainConfig`), in pure Python: no JAX import, so that a bad value fails at once.
+"""The options of a training run (`TrainConfig`, `OptimizerSpec`), in pure Python: no JAX import, so that a bad
+value fails at once.
 
-`dynamics.train` re-exports everything here; the CLI builds a run's TrainConfig before it imports JAX, so that
+`dynamics.training` re-exports everything here; the CLI builds a run's TrainConfig before it imports JAX, so that
 `rmdyn experiment ... --set lr=-1` is rejected in well under a second.
 """
 
@@ -14,11 +15,32 @@ from dynamics.defaults import DEFAULT_BETA, HEAD_INIT_STD
 from dynamics.errors import ConfigError
 from dynamics.reward_types import REWARD_TYPES
 
-__all__ = ["OPTIMIZERS", "PARAM_SHARDINGS", "REWARD_KINDS", "TrainConfig"]
+__all__ = [
+    "CPU_PASS_POSITIONS",
+    "OPTIMIZERS",
+    "PARAM_SHARDINGS",
+    "RESUMABLE_CHANGES",
+    "REWARD_KINDS",
+    "OptimizerSpec",
+    "TrainConfig",
+]
 
 REWARD_KINDS = tuple(REWARD_TYPES)  # the registered reward types (dynamics.reward_types)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PARAM_SHARDINGS = ("replicate", "fsdp")
+# TrainConfig fields that may change when a run is resumed: they do not change the trajectory before the end, or
+# (param_sharding, like the device count) only where the arrays live, which changes nothing but float rounding.
+RESUMABLE_CHANGES = (
+    "epochs",
+    "max_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "param_sharding",
+    "pack_pairs",
+    "pass_positions",
+)
+# positions per forward/backward pass when `pass_positions` is left to the engine on a CPU backend (see TrainConfig)
+CPU_PASS_POSITIONS = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,3 +194,35 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown TrainConfig keys {unknown}; valid keys: {', '.join(names)}")
         return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """The optimizer of a run, and nothing else: the key of the compiled training step (hashable).
+
+    Attributes:
+      name: "adam", "adamw" or "sgd" (`OPTIMIZERS`).
+      lr: constant learning rate (> 0).
+      b1: Adam β1.
+      b2: Adam β2.
+      eps: Adam ε.
+      weight_decay: decoupled weight decay of "adamw".
+    """
+
+    name: str = "adam"
+    lr: float = 1e-6
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.name!r}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> OptimizerSpec:
+        """The optimizer fields of a TrainConfig (`optimizer`, `lr`, `b1`, `b2`, `eps`, `weight_decay`)."""
+        return cls(config.optimizer, config.lr, config.b1, config.b2, config.eps, config.weight_decay)

@@ -1,0 +1,107 @@
+"""Scoring whole sequence sets in fixed-size chunks: the frozen-block cache, ln π(y|x), and rewards.
+
+Chunks have exactly `eval_chunk(config, devices)` rows (the last one padded by repeating its last row,
+`dynamics.chunking.chunks_pad_last`), so one program is compiled per sequence-length bucket.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dynamics.chunking import chunks_pad_last
+from dynamics.models import Params
+from dynamics.rewards import ImplicitRM
+from dynamics.sharding import data_devices, place_rows
+from dynamics.training.batching import eval_chunk
+from dynamics.training.config import TrainConfig
+from dynamics.training.engine import CompiledStep
+from dynamics.training.rows import Rows, padding_side, take_rows
+
+__all__ = ["add_lower_cache", "score_set", "sequence_logprobs"]
+
+
+def add_lower_cache(
+    step: CompiledStep, lm_params: Params, rows: Rows, chunk: int, bucket: int, mesh: Any = None, bar: Any = None
+) -> Rows:
+    """`rows` with `x` [n, T, D]: the residual stream after the frozen blocks 0 … start − 1, computed once per row.
+
+    Args:
+      step: the compiled functions (`step.start` blocks are frozen).
+      lm_params: the frozen language-model parameters.
+      rows: the sequences.
+      chunk: rows per forward pass.
+      bucket: the bucket of sequence lengths.
+      mesh: the device mesh, or None.
+      bar: a tqdm bar advanced by the rows of each chunk, or None.
+    """
+    tokens, mask = rows.tokens, rows.attention_mask
+    n, full = tokens.shape
+    side = padding_side(mask)
+    x = None
+    for idx, k in chunks_pad_last(n, chunk):
+        part = take_rows([Rows(tokens, mask)], idx, bucket)[0]
+        out = np.asarray(step.lower(lm_params, *place_rows((part.tokens, part.attention_mask), mesh)))
+        idx, out = idx[:k], out[:k]
+        if x is None:
+            x = np.zeros((n, full, out.shape[-1]), out.dtype)
+        T = out.shape[1]
+        x[idx, :T] = out if side == "right" else 0
+        if side == "left":
+            x[idx, full - T :] = out
+        if bar is not None:
+            bar.update(k)
+    return rows.replace(x=x)
+
+
+def sequence_logprobs(
+    step: CompiledStep,
+    lm_params: Params | None,
+    rows: Rows,
+    config: TrainConfig,
+    mesh: Any = None,
+    bar: Any = None,
+) -> np.ndarray:
+    """ln π(y|x) of every row under `lm_params`, float64 [n] (nats), in evaluation-sized chunks (0 when None).
+
+    The IM-RM's reference log-probs and its evaluation log-probs go through this same function, chunks and
+    shapes (and, on a mesh, placements), so that at initialization r = β (ln π_θ − ln π_ref) is exactly 0 on
+    every row.
+    """
+    n = rows.n_rows
+    if lm_params is None:
+        if bar is not None:
+            bar.update(n)
+        return np.zeros(n, np.float64)
+    out = []
+    for idx, k in chunks_pad_last(n, eval_chunk(config, data_devices(mesh))):
+        chunk = place_rows(step.prepare(rows, idx, config.bucket), mesh)
+        out.append(np.asarray(step.logprob(lm_params, chunk))[:k])
+        if bar is not None:
+            bar.update(k)
+    return np.concatenate(out).astype(np.float64)
+
+
+def score_set(
+    step: CompiledStep,
+    params: Params,
+    rows: Rows,
+    ref: np.ndarray | None,
+    config: TrainConfig,
+    mesh: Any = None,
+    bar: Any = None,
+) -> np.ndarray:
+    """The reward of every row of one sequence set, float64 [n] (IM-RM: β (ln π_θ − `ref`); docs/math.md §1).
+
+    `bar`: a tqdm bar advanced per chunk, or None.
+    """
+    if isinstance(step.rm, ImplicitRM):
+        lp = sequence_logprobs(step, params["lm"], rows, config, mesh, bar)
+        return step.rm.beta * (lp - ref)
+    out = []
+    for idx, k in chunks_pad_last(rows.n_rows, eval_chunk(config, data_devices(mesh))):
+        out.append(np.asarray(step.score(params, place_rows(step.prepare(rows, idx, config.bucket), mesh)))[:k])
+        if bar is not None:
+            bar.update(k)
+    return np.concatenate(out).astype(np.float64)
