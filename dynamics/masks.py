@@ -1,4 +1,4 @@
-"""Which parameters train: one pytree mask, used by delta, step and train alike.
+"""Which parameters train: one pytree mask, used by delta, step_check and training alike.
 
 Specs (the CLI's `--params`):
 
@@ -28,6 +28,18 @@ from dynamics.rewards import ExplicitRM, GenerativeRM, ImplicitRM, RewardModel
 
 Params = dict[str, Any]
 Mask = Any  # a pytree of bools with the structure of the parameters
+
+__all__ = [
+    "Mask",
+    "Params",
+    "combine",
+    "count_selected",
+    "leaf_paths",
+    "normalize_spec",
+    "partition",
+    "prepare",
+    "trainable_mask",
+]
 
 
 def leaf_paths(params: Params) -> list[str]:

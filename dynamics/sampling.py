@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,9 +66,6 @@ class SampleResult:
             "temperature": self.temperature,
             "seed": self.seed,
         }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -3,7 +3,7 @@
 One mesh axis, "data". Batches (unseen pairs, training rows) are split along it; parameters are either replicated
 (`"replicate"`: plain data parallelism) or split along it too (`"fsdp"`: each matrix is cut along its largest axis
 that the device count divides, so every device holds 1/n of the model; XLA gathers what each step needs). The
-jitted functions of `dynamics.delta`, `dynamics.step` and `dynamics.training` are unchanged: GSPMD propagates the
+jitted functions of `dynamics.delta`, `dynamics.step_check` and `dynamics.training` are unchanged: GSPMD propagates the
 input shardings, so a sharded run computes the same numbers as a single-device one, up to the order of float
 reductions.
 

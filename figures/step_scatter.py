@@ -1,6 +1,6 @@
 """Figure: first-order prediction against a real optimizer step, over a sweep of learning rates (docs/math.md §3).
 
-Data in (`dynamics.step.StepCheckResult`s or their `to_dict()`), PNG + JSON out.
+Data in (`dynamics.step_check.StepCheckResult`s or their `to_dict()`), PNG + JSON out.
 
 - One panel per reward type: actual Δr / η against predicted Δr / η for every unseen pair and every η, coloured by
   η (log colour scale), with the line y = x. Dividing by η puts every learning rate on one linear scale (the

@@ -51,7 +51,7 @@ _SURFACE: dict[str, tuple[str, ...]] = {
     "One-step reward change": ("dynamics.delta", "delta_reward", "DeltaResult"),
     "Token coefficients ρ": ("dynamics.rho", "rho_analysis"),
     "Kernel math": ("dynamics.kernels", "rho_terms"),
-    "Prediction vs a real step": ("dynamics.step", "check_step"),
+    "Prediction vs a real step": ("dynamics.step_check", "check_step"),
     "Metrics": ("dynamics.metrics", "preference_metrics", "PreferenceMetrics"),
     "Training": ("dynamics.training", "TrainConfig", "EvalSuite", "TrainResult", "train"),
     "Theorem 1": ("theory.theorem1", "verifier_construction", "check_verifier"),

@@ -228,7 +228,7 @@ def test_math_page_has_every_cited_section():
     assert cited <= headings, f"cited sections missing from docs/math.md: {sorted(cited - headings)}"
 
 
-_ABSOLUTE = re.compile(r"(?<![\w.])/(?:work|tmp|home|root|Users|var|opt|mnt|private)/[^\s\"']*")
+_ABSOLUTE = re.compile(r"(?<![\w.])/(?:work|tmp|home|root|Users|var|opt|mnt|private|usr|srv|check|data)/[^\s\"']*")
 
 
 def _strings(value):

@@ -15,7 +15,7 @@ from dynamics.delta import delta_reward
 from dynamics.errors import ConfigError, DataError
 from dynamics.models import LM, DecoderConfig, cast_params
 from dynamics.rewards import ExplicitRM, ImplicitRM
-from dynamics.step import check_step
+from dynamics.step_check import check_step
 from dynamics.text import PairBatch, PreferenceBatch
 
 V = 40

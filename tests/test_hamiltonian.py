@@ -1,4 +1,4 @@
-"""experiments.studies.hamiltonian (docs/math.md §6.1) and dynamics.sampling: graphs, y−, the cycle checker, the sampler."""
+"""experiments.studies.hamiltonian (docs/math.md §6.1) and dynamics.sampling: graphs, y−, cycle checker, sampler."""
 
 from __future__ import annotations
 

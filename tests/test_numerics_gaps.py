@@ -1,6 +1,6 @@
 """Numerics the rest of the suite only checked against the code's own output, now against independent computations.
 
-- Adam's first real step (dynamics.step) and AdamW training (dynamics.training) against numpy, on the EX-RM head,
+- Adam's first real step (dynamics.step_check) and AdamW training (dynamics.training) against numpy, on the EX-RM head,
   whose BT gradient has the closed form −(1/B) Σ_i σ(r_i− − r_i+) (h_i+ − h_i−);
 - the IM-RM's cached ln π_ref against numpy log-softmax of the reference model's logits (float64, ≤ 1e-12);
 - the reference-free IM-RM's Δr against materialized autodiff gradients and a finite real step;
@@ -28,7 +28,7 @@ from dynamics.errors import ConfigError, RmdynError
 from dynamics.masks import partition, prepare, trainable_mask
 from dynamics.models import LM, DecoderConfig, cast_params, resize_vocab, untie
 from dynamics.rewards import ExplicitRM, ImplicitRM
-from dynamics.step import _real_step
+from dynamics.step_check import real_step_jit
 from dynamics.text import ExgrmBatch, PairBatch, PreferenceBatch
 from dynamics.training import EvalSuite, TrainConfig, train
 
@@ -107,7 +107,7 @@ def _response_logprob_numpy(lm: LM, params, batch: PairBatch) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Adam: the real first step of dynamics.step, and AdamW training
+# Adam: the real first step of dynamics.step_check, and AdamW training
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -124,7 +124,7 @@ def test_adam_first_real_step_is_the_hand_computed_one(x64):
     grad = _head_grad(u, hp, hm)
     lr = 1e-3
     expected = u - lr * grad / (np.abs(grad) + EPS)
-    new = _real_step(rm, train_tree, frozen, strip(data), jnp.asarray(lr, jnp.float64), "adam")
+    new = real_step_jit(rm, train_tree, frozen, strip(data), jnp.asarray(lr, jnp.float64), "adam")
     step = np.asarray(new["head"]["u"]) - u
     np.testing.assert_allclose(np.asarray(new["head"]["u"]), expected, rtol=0, atol=1e-14)
     # not vacuous: every coordinate moved by ≈ η ≫ the tolerance, and ε's placement is resolved by the tolerance
@@ -223,7 +223,7 @@ def _noref_reward(lm: LM, beta: float, params, batch: PairBatch):
     return beta * jnp.sum(picked * jnp.asarray(batch.response_mask)[:, 1:].astype(picked.dtype), axis=-1)
 
 
-def test_reference_free_im_delta_against_autodiff_and_a_real_step(x64):
+def test_reference_free_im_delta_against_autodiff_and_areal_step_jit(x64):
     """Δr(u) = η ⟨∇r(u), −∇L⟩ with r = β ln π (no π_ref), the untied unembedding W trained, from the materialized
     gradients of the test's own reward (eNTK and the Eq. (5) closed form); and r after a real SGD step W − η∇L
     differs from the prediction by O(η²)."""

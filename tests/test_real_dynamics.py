@@ -13,7 +13,7 @@ import pytest
 from dynamics.datasets import PreferenceRow, load_persona
 from dynamics.loading import load
 from dynamics.rewards import ExplicitRM, ImplicitRM
-from dynamics.step import check_step
+from dynamics.step_check import check_step
 from dynamics.text import encode_pairs, encode_preferences
 from experiments.studies.bundled import bundled_data_path
 

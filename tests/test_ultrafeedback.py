@@ -1,4 +1,4 @@
-"""experiments.studies.ultrafeedback (docs/math.md §6.3): data selection, length filter, tie rule, summaries, bad input."""
+"""experiments.studies.ultrafeedback (docs/math.md §6.3): selection, length filter, tie rule, summaries, bad data."""
 
 from __future__ import annotations
 

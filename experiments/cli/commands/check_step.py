@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     pairs, pairs_from = inputs.unseen_pairs(args)
 
     from dynamics.outputs import write_json_atomic  # JAX: only once every option is known to be good
-    from dynamics.step import check_step
+    from dynamics.step_check import check_step
     from figures.step_scatter import step_scatter_figure
 
     t0 = time.perf_counter()

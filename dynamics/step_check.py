@@ -9,7 +9,9 @@ log η has slope 2 until floating-point rounding takes over).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -29,6 +31,8 @@ from dynamics.delta import (
 from dynamics.errors import ConfigError
 from dynamics.masks import combine, partition, prepare, trainable_mask
 from dynamics.rewards import RewardModel, bt_loss
+
+__all__ = ["StepCheckResult", "check_step", "loglog_slope", "make_optimizer", "real_step", "real_step_jit"]
 
 
 def make_optimizer(name: Optimizer, lr) -> optax.GradientTransformation:
@@ -55,7 +59,8 @@ def real_step(rm: RewardModel, train_tree, frozen, train: PreferenceBatch, lr, o
     return optax.apply_updates(train_tree, updates)
 
 
-_real_step = jax.jit(real_step, static_argnums=(0, 5))
+#: `real_step` jitted (the reward model and the optimizer name static).
+real_step_jit = jax.jit(real_step, static_argnums=(0, 5))
 
 
 def _rewards(rm, train_tree, frozen, batch):
@@ -136,6 +141,7 @@ class StepCheckResult:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-ready values, with `stats()` and `residual_slope()` (arrays as lists)."""
         from dynamics.outputs import jsonable
 
         return jsonable(
@@ -150,10 +156,11 @@ class StepCheckResult:
             }
         )
 
-    def to_json(self, path: str) -> str:
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write `to_dict()` as JSON, atomically; returns the path."""
         from dynamics.outputs import write_json_atomic
 
-        return str(write_json_atomic(path, self.to_dict()))
+        return write_json_atomic(path, self.to_dict())
 
 
 def check_step(
@@ -204,7 +211,7 @@ def check_step(
     dtype = jax.tree.leaves(train_tree)[0].dtype
     actual = []
     for lr in tqdm(lrs, desc="real steps", disable=not progress, leave=False):
-        new_tree = _real_step(rm, train_tree, frozen, t, jnp.asarray(lr, dtype), optimizer)
+        new_tree = real_step_jit(rm, train_tree, frozen, t, jnp.asarray(lr, dtype), optimizer)
         after = np.concatenate([np.asarray(_rewards_jit(rm, new_tree, frozen, c))[:k] for c, k in chunks])
         actual.append(after.astype(np.float64) - before.astype(np.float64))
     meta = {
