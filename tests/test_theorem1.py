@@ -164,9 +164,9 @@ def test_check_verifier_on_the_construction_and_on_stronger_verifiers() -> None:
     assert not chk4.is_verifier.any()
 
 
-def test_to_json_roundtrip(tmp_path) -> None:  # noqa: ANN001
+def test_save_roundtrip(tmp_path) -> None:  # noqa: ANN001
     res = verifier_construction([[0.2, 0.3, 0.5]], [[True, False, False]], beta=0.1, delta=0.2)
-    path = res.to_json(tmp_path / "t1.json")
+    path = res.save(tmp_path / "t1.json")
     data = json.loads(path.read_text())
     assert data["margin"] == pytest.approx([0.2])
     assert data["log_odds_ratio"] == pytest.approx([2.0])

@@ -248,7 +248,7 @@ def test_result_json_and_figure(tmp_path, problem: Theorem2Problem) -> None:  # 
     from figures.theorem2 import theorem2_figure
 
     res = simulate_theorem2(select_seeds(problem, slice(0, 2)), Theorem2Config(n_steps=50, n_grid=6), seed=5)
-    data = json.loads(res.to_json(tmp_path / "r.json").read_text())
+    data = json.loads(res.save(tmp_path / "r.json").read_text())
     assert data["acc_unseen_im"] == [[0.5] * len(res.steps)] * 2
     assert data["config"]["schedule"] == "normalized" and data["seed"] == 5
     png, js = theorem2_figure(data, tmp_path / "fig" / "theorem2.png")

@@ -95,8 +95,8 @@ class MaxMarginResult:
             }
         )
 
-    def to_json(self, path: str | os.PathLike[str]) -> Path:
-        """Writes `to_dict()` to `path` atomically; returns the path."""
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Writes `to_dict()` to `path` as JSON, atomically; returns the path."""
         return write_json_atomic(path, self.to_dict())
 
 

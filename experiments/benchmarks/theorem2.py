@@ -1,6 +1,6 @@
 """Benchmark of the Theorem-2 simulator: one vmapped run over all seeds vs a Python loop over seeds.
 
-Both sides call the same jitted single-seed body (`theory.theorem2`: `_run_seeds` is its vmap, `_run_seed`
+Both sides call the same jitted single-seed body (`theory.theorem2.simulate`: `_run_seeds` is its vmap, `_run_seed`
 the plain jit) on the same problem and the same u*. Compilation is excluded from the comparison: each side is
 warmed up first and its first-call time is reported separately. Prints times and the ratio; asserts nothing.
 No JAX import at module level (the CLI registers this module cheaply).

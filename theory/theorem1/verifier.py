@@ -1,25 +1,17 @@
-"""Theorem 1: an IM-RM can verify without generating (docs/math.md §4).
+"""Theorem 1 on an enumerated response set: the verifier construction and the check of any π (docs/math.md §4).
 
-For a finite response set per prompt, a reference distribution π_ref with full support, a correct set C(x),
-β > 0 and a margin δ > 0, the construction
+`verifier_construction` builds π(y|x) ∝ π_ref(y|x) · exp((δ/β) · 1[y ∈ C(x)]) and its IM-RM
+r_IM = β ln(π/π_ref) = δ·1[y ∈ C] − β ln Z(x), a δ-verifier whose generation gain π(C|x)/π_ref(C|x) is at most
+e^{δ/β}. `check_verifier` takes any π and says whether its IM-RM is a δ-verifier and how much it raised π(C):
+any δ-verifier has an odds ratio of at least e^{δ/β} (docs/math.md §4 "Tightness"), in fact at least
+e^{margin/β}. The masses of both are a `theory.theorem1.bound.GenerationBound`.
 
-    π(y|x) ∝ π_ref(y|x) · exp((δ/β) · 1[y ∈ C(x)])                                   (docs/math.md §4, proof)
-
-makes r_IM = β ln(π/π_ref) = δ·1[y ∈ C] − β ln Z(x) a δ-verifier while
-π(C|x) = e^{δ/β} π_ref(C|x) / Z(x) ≤ e^{δ/β} π_ref(C|x), with Z(x) = 1 + (e^{δ/β} − 1) π_ref(C|x).
-Its odds ratio (π(C)/(1−π(C))) / (π_ref(C)/(1−π_ref(C))) equals e^{δ/β} exactly, and any δ-verifier has an
-odds ratio of at least e^{δ/β} (docs/math.md §4 "Tightness"), in fact at least e^{margin/β}.
-
-Everything is computed in float64 numpy and in log space (logsumexp over the correct and over the incorrect
-responses separately, never 1 − p), so e^{δ/β} = e^{100} (β = 0.01, δ = 1) neither overflows nor cancels. The
-computation is closed-form and tiny, so it needs no JAX.
-
-Shapes: P prompts, N responses per prompt. A 1-D input is one prompt and is treated as shape [1, N].
+Float64 numpy, in log space (logsumexp over the correct and over the incorrect responses separately, never
+1 − p). Shapes: P prompts, N responses per prompt; a 1-D input is one prompt and is treated as shape [1, N].
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +22,9 @@ from scipy.special import logsumexp
 
 from dynamics.errors import ConfigError
 from dynamics.outputs import jsonable, write_json_atomic
+from theory.theorem1.bound import GenerationBound, positive_scalar
 
-__all__ = [
-    "GenerationBound",
-    "VerifierCheck",
-    "VerifierConstruction",
-    "check_verifier",
-    "construction_from_counts",
-    "construction_from_masses",
-    "verifier_construction",
-]
+__all__ = ["VerifierCheck", "VerifierConstruction", "check_verifier", "verifier_construction"]
 
 # Arrays with more elements than this are left out of `to_dict()` unless include_arrays=True is asked for.
 _MAX_JSON_ELEMENTS = 100_000
@@ -47,13 +32,6 @@ _MAX_JSON_ELEMENTS = 100_000
 
 # ----------------------------------------------------------------------------------------------------------
 # Validation
-
-
-def _check_scalar(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
 
 
 def _as_distribution(name: str, probs: Any, atol: float, *, full_support: bool) -> np.ndarray:
@@ -124,161 +102,6 @@ def _log(p: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Masses only (works for response sets too large to enumerate)
-
-
-@dataclass(frozen=True)
-class GenerationBound:
-    """Per-prompt probability masses of the Theorem-1 construction (docs/math.md §4), all in natural log.
-
-    Attributes:
-      beta: β > 0 of r_IM = β ln π/π_ref.
-      delta: verifier margin δ > 0 (reward units).
-      log_ref_mass: [P] ln π_ref(C|x).
-      log_ref_mass_incorrect: [P] ln π_ref(V* \\ C|x) = ln(1 − π_ref(C|x)).
-      log_mass: [P] ln π(C|x) of the constructed π.
-      log_mass_incorrect: [P] ln(1 − π(C|x)).
-    """
-
-    beta: float
-    delta: float
-    log_ref_mass: np.ndarray
-    log_ref_mass_incorrect: np.ndarray
-    log_mass: np.ndarray
-    log_mass_incorrect: np.ndarray
-
-    @property
-    def log_bound(self) -> np.ndarray:
-        """[P] ln(e^{δ/β} π_ref(C|x)) = δ/β + ln π_ref(C|x), the log of Theorem 1's upper bound on π(C|x)."""
-        return self.delta / self.beta + self.log_ref_mass
-
-    @property
-    def log_odds_ratio(self) -> np.ndarray:
-        """[P] ln[(π(C)/(1−π(C))) / (π_ref(C)/(1−π_ref(C)))]; δ/β for the construction (docs/math.md §4)."""
-        return (self.log_mass - self.log_mass_incorrect) - (self.log_ref_mass - self.log_ref_mass_incorrect)
-
-    @property
-    def log_ratio(self) -> np.ndarray:
-        """[P] ln(π(C|x)/π_ref(C|x)), the generation gain; ≤ δ/β for the construction."""
-        return self.log_mass - self.log_ref_mass
-
-    @property
-    def ref_mass(self) -> np.ndarray:
-        """[P] π_ref(C|x)."""
-        return np.exp(self.log_ref_mass)
-
-    @property
-    def mass(self) -> np.ndarray:
-        """[P] π(C|x)."""
-        return np.exp(self.log_mass)
-
-    @property
-    def bound(self) -> np.ndarray:
-        """[P] e^{δ/β} π_ref(C|x); may exceed 1 (a vacuous bound) or overflow to inf (see log_bound)."""
-        with np.errstate(over="ignore"):
-            return np.exp(self.log_bound)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dictionary of every field and derived quantity (natural logs and linear values)."""
-        return jsonable(
-            {
-                "beta": self.beta,
-                "delta": self.delta,
-                "delta_over_beta": self.delta / self.beta,
-                "ref_mass": self.ref_mass,
-                "mass": self.mass,
-                "bound": self.bound,
-                "log_ref_mass": self.log_ref_mass,
-                "log_ref_mass_incorrect": self.log_ref_mass_incorrect,
-                "log_mass": self.log_mass,
-                "log_mass_incorrect": self.log_mass_incorrect,
-                "log_bound": self.log_bound,
-                "log_ratio": self.log_ratio,
-                "log_odds_ratio": self.log_odds_ratio,
-            }
-        )
-
-    def to_json(self, path: str | os.PathLike[str]) -> Path:
-        """Writes `to_dict()` to `path` atomically; returns the path."""
-        return write_json_atomic(path, self.to_dict())
-
-
-def construction_from_masses(
-    log_ref_mass: Any, log_ref_mass_incorrect: Any, beta: float, delta: float
-) -> GenerationBound:
-    """Theorem 1's construction from the reference masses alone (docs/math.md §4, proof).
-
-    The tilt π ∝ π_ref·exp((δ/β)1[y∈C]) moves mass only between C and its complement, so π(C) depends on
-    π_ref(C) only: ln Z = logaddexp(δ/β + ln π_ref(C), ln(1−π_ref(C))), ln π(C) = δ/β + ln π_ref(C) − ln Z and
-    ln(1−π(C)) = ln(1−π_ref(C)) − ln Z. Use this for response sets too large to enumerate.
-
-    Args:
-      log_ref_mass: [P] (or scalar) ln π_ref(C|x), finite (C has positive reference mass).
-      log_ref_mass_incorrect: [P] (or scalar) ln(1 − π_ref(C|x)), finite; passed separately so that masses
-        near 1 keep their precision. The two must describe a distribution: exp of both sums to 1 (atol 1e-9).
-      beta: β > 0.
-      delta: δ > 0, the margin in reward units.
-
-    Returns:
-      A `GenerationBound` with [P] arrays.
-
-    Raises:
-      ConfigError: β or δ not a positive finite number, non-finite log masses, shape mismatch, or masses that
-        do not sum to 1.
-    """
-    beta = _check_scalar("beta", beta)
-    delta = _check_scalar("delta", delta)
-    a = np.atleast_1d(np.asarray(log_ref_mass, dtype=np.float64))
-    b = np.atleast_1d(np.asarray(log_ref_mass_incorrect, dtype=np.float64))
-    if a.shape != b.shape or a.ndim != 1:
-        raise ConfigError(
-            f"log_ref_mass and log_ref_mass_incorrect must be 1-D of the same shape, got {a.shape} and {b.shape}"
-        )
-    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
-        raise ConfigError("log reference masses must be finite (C and its complement need positive mass)")
-    total = np.exp(np.logaddexp(a, b))
-    if np.any(np.abs(total - 1.0) > 1e-9):
-        i = int(np.argmax(np.abs(total - 1.0)))
-        raise ConfigError(f"reference masses of prompt {i} sum to {float(total[i])!r}, expected 1")
-    tilt = delta / beta
-    log_z = np.logaddexp(tilt + a, b)
-    return GenerationBound(
-        beta=beta,
-        delta=delta,
-        log_ref_mass=a,
-        log_ref_mass_incorrect=b,
-        log_mass=tilt + a - log_z,
-        log_mass_incorrect=b - log_z,
-    )
-
-
-def construction_from_counts(n_correct: int, n_total: int, beta: float, delta: float) -> GenerationBound:
-    """Theorem 1's construction for a uniform π_ref over `n_total` responses of which `n_correct` are correct.
-
-    Example (docs/math.md §6.1): the 10! vertex orderings of a 10-vertex graph with one planted Hamiltonian
-    cycle, which 20 orderings represent (10 rotations × 2 directions): π_ref(C) = 20/10!. Computed from
-    integer counts, so 1 − π_ref(C) = (n_total − n_correct)/n_total is exact.
-
-    Args:
-      n_correct: |C|, with 0 < n_correct < n_total.
-      n_total: number of responses.
-      beta: β > 0.
-      delta: δ > 0.
-
-    Returns:
-      A `GenerationBound` for one prompt ([1] arrays).
-
-    Raises:
-      ConfigError: counts out of range, or β, δ not positive.
-    """
-    n_correct, n_total = int(n_correct), int(n_total)
-    if not 0 < n_correct < n_total:
-        raise ConfigError(f"need 0 < n_correct < n_total, got n_correct={n_correct}, n_total={n_total}")
-    log_n = math.log(n_total)
-    return construction_from_masses([math.log(n_correct) - log_n], [math.log(n_total - n_correct) - log_n], beta, delta)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The full construction over an enumerated response set
 
 
@@ -342,8 +165,8 @@ class VerifierConstruction:
             out["arrays_omitted"] = f"log_ref, correct, log_pi, rewards of shape {list(self.log_ref.shape)}"
         return jsonable(out)
 
-    def to_json(self, path: str | os.PathLike[str], include_arrays: bool | None = None) -> Path:
-        """Writes `to_dict(include_arrays)` to `path` atomically; returns the path."""
+    def save(self, path: str | os.PathLike[str], include_arrays: bool | None = None) -> Path:
+        """Writes `to_dict(include_arrays)` to `path` as JSON, atomically; returns the path."""
         return write_json_atomic(path, self.to_dict(include_arrays))
 
 
@@ -376,8 +199,8 @@ def verifier_construction(
       ConfigError: bad shapes, probabilities (negative, zero, non-finite, not summing to 1), an empty or
         full C, or β, δ not positive.
     """
-    beta = _check_scalar("beta", beta)
-    delta = _check_scalar("delta", delta)
+    beta = positive_scalar("beta", beta)
+    delta = positive_scalar("delta", delta)
     ref = _as_distribution("ref_probs", ref_probs, atol, full_support=True)
     mask = _as_correct_mask(correct, ref.shape)
     log_ref = _normalize(np.log(ref))
@@ -448,8 +271,8 @@ class VerifierCheck:
             }
         )
 
-    def to_json(self, path: str | os.PathLike[str]) -> Path:
-        """Writes `to_dict()` to `path` atomically; returns the path."""
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Writes `to_dict()` to `path` as JSON, atomically; returns the path."""
         return write_json_atomic(path, self.to_dict())
 
 
@@ -480,8 +303,8 @@ def check_verifier(
     Raises:
       ConfigError: as `verifier_construction`, and for `probs` of a different shape.
     """
-    beta = _check_scalar("beta", beta)
-    delta = _check_scalar("delta", delta)
+    beta = positive_scalar("beta", beta)
+    delta = positive_scalar("delta", delta)
     ref = _as_distribution("ref_probs", ref_probs, atol, full_support=True)
     pi = _as_distribution("probs", probs, atol, full_support=False)
     if pi.shape != ref.shape:
