@@ -500,3 +500,15 @@ def test_version_does_not_import_jax():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.splitlines() == ["rmdyn 0.1.0", "0 []"]
+
+
+def test_python_dash_m_runs_the_cli():
+    """`python -m experiments.cli` is the installed `rmdyn` script (exit codes included)."""
+
+    def run(*argv):
+        cmd = [sys.executable, "-m", "experiments.cli", *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+
+    ok, bad = run("--version"), run("nope")
+    assert (ok.returncode, ok.stdout) == (0, "rmdyn 0.1.0\n")
+    assert bad.returncode == 2 and "nope" in bad.stderr
