@@ -33,12 +33,16 @@ class Loaded:
     name: str
     template_tokens_added: tuple[int, ...] = ()
 
-    def describe(self) -> dict:
-        """JSON-ready description of the model (recorded in every result)."""
+    def describe(self, start: str | os.PathLike[str] | None = None) -> dict:
+        """JSON-ready description of the model (recorded in every result).
+
+        Args:
+          start: the directory `source` is named relative to (a run directory); None for the working directory.
+        """
         c = self.lm.config
         return {
             "name": self.name,
-            "source": portable_path(self.source),
+            "source": portable_path(self.source, start),
             "family": c.family,
             "n_params": c.n_params,
             "n_layers": c.n_layers,

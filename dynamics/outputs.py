@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write_text", "jsonable", "permissions", "portable_path", "write_json_atomic"]
+__all__ = ["atomic_write_text", "jsonable", "permissions", "portable_path", "portable_paths", "write_json_atomic"]
 
 
 def jsonable(value: Any) -> Any:
@@ -106,3 +106,24 @@ def portable_path(path: str | os.PathLike[str], start: str | os.PathLike[str] | 
         if marker in parts:
             return Path(*parts[len(parts) - parts[::-1].index(marker) :]).as_posix()
     return Path(os.path.relpath(full, os.path.abspath(start or os.getcwd()))).as_posix()
+
+
+def portable_paths(value: Any, start: str | os.PathLike[str] | None = None) -> Any:
+    """`value` with every path object in it (`os.PathLike`, at any depth of dicts, lists and tuples) replaced by
+    its `portable_path` relative to `start`; strings and other values are kept as they are.
+
+    Records keep a file as a path object until they are written, and name it here relative to where they are
+    written: a run directory's config.json names its data relative to the run directory, so that it reads the
+    same whatever the working directory of the run that wrote it, or of the run that resumes it.
+
+    Args:
+      value: a JSON-like value holding path objects.
+      start: the directory to be relative to; None for the working directory.
+    """
+    if isinstance(value, Mapping):
+        return {k: portable_paths(v, start) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(v, start) for v in value]
+    if isinstance(value, os.PathLike):
+        return portable_path(value, start)
+    return value

@@ -317,3 +317,18 @@ def test_portable_path_names_no_machine_path(tmp_path, monkeypatch):
     assert portable_path(tmp_path / "runs" / "a") == "runs/a"
     assert portable_path(tmp_path / "x.json", start=tmp_path / "runs") == "../x.json"
     assert not os.path.isabs(portable_path("/"))
+
+
+def test_portable_paths_converts_path_objects_only(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from dynamics.outputs import portable_paths
+
+    monkeypatch.chdir(tmp_path)
+    record = {"file": tmp_path / "data" / "a.jsonl", "rows": [{"file": Path("b.jsonl")}], "name": "/kept/as/given"}
+    assert portable_paths(record, start=tmp_path / "runs" / "r") == {
+        "file": "../../data/a.jsonl",
+        "rows": [{"file": "../../b.jsonl"}],
+        "name": "/kept/as/given",  # strings are what the user typed: not reinterpreted
+    }
+    assert portable_paths(record)["file"] == "data/a.jsonl"

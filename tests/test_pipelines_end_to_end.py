@@ -191,6 +191,22 @@ def test_persona_refuses_an_occupied_out(persona_out, tiny_dir, capsys):
     assert {p: p.stat().st_mtime_ns for p in persona_out.rglob("*") if p.is_file()} == before
 
 
+def test_run_records_name_files_relative_to_the_run_directory(persona_out, tiny_dir):
+    """config.json names the model directory and the data file relative to its run directory (so a resume from
+    another working directory sees the same record), and those names lead back to the files."""
+    import os
+
+    from experiments.studies.persona.data import persona_data_file
+
+    for run_dir in _runs(persona_out).values():
+        record = _json(run_dir / "config.json")
+        source, data_file = record["model"]["source"], record["data"]["info"]["data_file"]
+        assert not os.path.isabs(source) and not os.path.isabs(data_file)
+        assert (run_dir / source).resolve() == Path(tiny_dir).resolve()
+        bundled = persona_data_file({"data_file": "", "trait": record["data"]["info"]["trait"]})
+        assert (run_dir / data_file).resolve() == Path(bundled).resolve()
+
+
 _CHILD = """
 import sys, time
 import dynamics.training.engine as engine

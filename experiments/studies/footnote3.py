@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import RmdynError
+from dynamics.outputs import portable_paths
 
 __all__ = [
     "STAT_NAMES",
@@ -229,7 +230,7 @@ def run_footnote3(values: Mapping[str, Any], *, loaded: Any = None, chunk: int =
         u_star, max_margin = None, {"separable": False, "reason": str(err)}
     info = {
         "model": loaded.describe(),
-        "data": dict(texts.info),
+        "data": portable_paths(dict(texts.info)),
         "combinations": [f"{a}|{b}" for a, b in itertools.product(texts.eval_words_yes, texts.eval_words_no)],
         "hidden": "final hidden state (after the final norm) at the last real token of the chat-templated sequence",
     }

@@ -73,6 +73,7 @@ def train_study(
       The `TrainResult`.
     """
     from dynamics.loading import load
+    from dynamics.outputs import portable_paths
     from dynamics.training import train
 
     config = train_config(values)
@@ -90,8 +91,14 @@ def train_study(
         run_dir=run_path,
         resume=resume,
         answer_ids=run.answer_ids,
-        model_info={**loaded.describe(), "dtype": values["dtype"], "model_option": values["model"], **run.model_info},
-        data_info={**run.data_info, **{k: values[k] for k in MODEL_KEYS}},
+        # files named relative to the run directory: config.json reads the same from any working directory
+        model_info={
+            **loaded.describe(start=run_path),
+            "dtype": values["dtype"],
+            "model_option": values["model"],
+            **portable_paths(run.model_info, run_path),
+        },  # fmt: skip
+        data_info=portable_paths({**run.data_info, **{k: values[k] for k in MODEL_KEYS}}, run_path),
         progress=progress,
         mesh=run_mesh(values),
         final_metrics=run.final_metrics,

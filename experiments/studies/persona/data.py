@@ -18,12 +18,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
-from dynamics.outputs import portable_path
 
 __all__ = ["PERSONA_KEYS", "PersonaTexts", "persona_data_file", "persona_texts", "persona_traits"]
 
@@ -174,7 +174,7 @@ def persona_texts(values: Mapping[str, Any]) -> PersonaTexts:
             prefixes[split][side] = tuple(choices[int(i)] for i in eval_rng.integers(0, len(choices), n))
     info = {
         "experiment": "persona",
-        "data_file": portable_path(path),
+        "data_file": Path(os.path.abspath(path)),  # named relative where it is written
         "trait": values["trait"],
         "rows_with_answer": len(rows),
         "train_lines": [rows[i].line for i in order[:n_train]],

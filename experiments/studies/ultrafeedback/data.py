@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
-from dynamics.outputs import portable_path
 from experiments.studies.ultrafeedback.report import TieRule, parse_categories
 
 __all__ = ["EVAL_SET_FILES", "TRAIN_SETS", "UF_KEYS", "UltraFeedbackData", "load_rows_cached", "ultrafeedback_data"]
@@ -246,7 +245,7 @@ def load_rows_cached(path: str) -> tuple[Any, ...]:
 
 def _row_info(path: str, fields, rows, skipped, selected, limit: int) -> dict[str, Any]:
     return {
-        "file": portable_path(path),
+        "file": Path(os.path.abspath(path)),  # named relative where it is written
         "fields": list(fields),
         "available": len(rows),
         "over_max_response_tokens": len(skipped),
