@@ -170,6 +170,19 @@ class VerifierConstruction:
         return write_json_atomic(path, self.to_dict(include_arrays))
 
 
+def _masses(log_ref: np.ndarray, log_pi: np.ndarray, mask: np.ndarray, beta: float, delta: float) -> GenerationBound:
+    """The bound of docs/math.md §4 from ln π_ref and ln π [prompts, responses] and the correct-response mask:
+    π_ref's and π's log-masses on the correct and the incorrect responses of each prompt."""
+    return GenerationBound(
+        beta=beta,
+        delta=delta,
+        log_ref_mass=_masked_logsumexp(log_ref, mask),
+        log_ref_mass_incorrect=_masked_logsumexp(log_ref, ~mask),
+        log_mass=_masked_logsumexp(log_pi, mask),
+        log_mass_incorrect=_masked_logsumexp(log_pi, ~mask),
+    )
+
+
 def _margin(rewards: np.ndarray, correct: np.ndarray) -> np.ndarray:
     """[P] min over correct rewards − max over incorrect rewards (the verifier margin of docs/math.md §4)."""
     lo = np.where(correct, rewards, np.inf).min(axis=1)
@@ -207,14 +220,7 @@ def verifier_construction(
     tilted = log_ref + np.where(mask, delta / beta, 0.0)
     log_pi = tilted - logsumexp(tilted, axis=1, keepdims=True)
     rewards = beta * (log_pi - log_ref)
-    masses = GenerationBound(
-        beta=beta,
-        delta=delta,
-        log_ref_mass=_masked_logsumexp(log_ref, mask),
-        log_ref_mass_incorrect=_masked_logsumexp(log_ref, ~mask),
-        log_mass=_masked_logsumexp(log_pi, mask),
-        log_mass_incorrect=_masked_logsumexp(log_pi, ~mask),
-    )
+    masses = _masses(log_ref, log_pi, mask, beta, delta)
     return VerifierConstruction(
         log_ref=log_ref,
         correct=mask,
@@ -314,14 +320,7 @@ def check_verifier(
     log_pi = _normalize(_log(pi))
     rewards = beta * (log_pi - log_ref)
     margin = _margin(rewards, mask)
-    masses = GenerationBound(
-        beta=beta,
-        delta=delta,
-        log_ref_mass=_masked_logsumexp(log_ref, mask),
-        log_ref_mass_incorrect=_masked_logsumexp(log_ref, ~mask),
-        log_mass=_masked_logsumexp(log_pi, mask),
-        log_mass_incorrect=_masked_logsumexp(log_pi, ~mask),
-    )
+    masses = _masses(log_ref, log_pi, mask, beta, delta)
     is_verifier = margin >= delta - tol
     with np.errstate(invalid="ignore"):
         log_odds = masses.log_odds_ratio
