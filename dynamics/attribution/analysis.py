@@ -1,0 +1,144 @@
+"""One attribution of a reward model: C, its rankings, the overlap statistics and the token-pair view
+(docs/math.md §10). The Python API behind `rmdyn attribute`, one reward type per call.
+
+    from dynamics.attribution.analysis import attribute
+    result = attribute(rm, params, train, evalset, params_spec="all", lr=1e-3, top=5)
+    result.contributions.contribution      # C, [M, N]
+    result.statistics["spearman_overlap"]  # rank correlation of C with the token overlap
+    result.save("attribution_im.json")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dynamics.batches import PreferenceBatch
+from dynamics.masks import prepare
+from dynamics.rewards import ImplicitRM, RewardModel
+
+from dynamics.attribution.contributions import Contributions, Mode, contribution_matrix
+from dynamics.attribution.evalset import EvalSet
+from dynamics.attribution.overlap import OverlapScores, overlap_scores, overlap_statistics, sequence_states
+from dynamics.attribution.tokens import TokenPairView, token_pairs
+
+__all__ = ["Attribution", "attribute", "largest_entries"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Attribution:
+    """The attribution of one reward type (docs/math.md §10).
+
+    Attributes:
+      contributions: C and its factors (`Contributions`).
+      scores: token overlap O, indicator term I and hidden similarity H (`OverlapScores`), [M, N] each.
+      statistics: `overlap_statistics` of C against the scores.
+      rankings: per eval item i, {"up": training pairs with the largest C_ij > 0, "down": the most negative}.
+      token_views: for the IM-RM, the token-pair view (`TokenPairView`) of the largest |C_ij|, keyed "i,j";
+        empty for the EX-RM (its head closed form is η w_j H_ij: no token sum).
+    """
+
+    contributions: Contributions
+    scores: OverlapScores
+    statistics: dict[str, Any]
+    rankings: list[dict[str, list[int]]]
+    token_views: dict[str, TokenPairView]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every field, the scores and the token views as dicts."""
+        from dynamics.outputs import jsonable
+
+        return jsonable(
+            {
+                "contributions": self.contributions.to_dict(),
+                "scores": dataclasses.asdict(self.scores),
+                "statistics": self.statistics,
+                "rankings": self.rankings,
+                "token_views": {k: v.to_dict() for k, v in self.token_views.items()},
+            }
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write `to_dict()` as JSON, atomically; returns the path."""
+        from dynamics.outputs import write_json_atomic
+
+        return write_json_atomic(path, self.to_dict())
+
+
+def largest_entries(contribution: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """The n entries (i, j) of largest |C_ij|, largest first (ties by position)."""
+    order = np.argsort(-np.abs(contribution), axis=None, kind="stable")[:n]
+    return [tuple(int(x) for x in np.unravel_index(f, contribution.shape)) for f in order]
+
+
+def attribute(
+    rm: RewardModel,
+    params,
+    train: PreferenceBatch,
+    evalset: EvalSet,
+    *,
+    params_spec: str = "all",
+    lr: float = 1e-3,
+    mode: Mode = "exact",
+    project: int | None = None,
+    seed: int = 0,
+    top: int = 5,
+    token_entries: int = 4,
+    block: int = 8,
+    memory_budget_gb: float = 8.0,
+    mesh=None,
+    progress: bool = False,
+) -> Attribution:
+    """C (`contribution_matrix`), per-item rankings, overlap statistics and, for the IM-RM, token-pair views.
+
+    Args:
+      rm, params: the reward model and its parameters at θ.
+      train, evalset: N training pairs and M eval items.
+      params_spec, lr, mode, project, seed, block, memory_budget_gb, mesh, progress: as `contribution_matrix`.
+      top: training pairs kept per eval item and direction in `rankings`, and token pairs per token view.
+      token_entries: how many of the largest |C_ij| get a token-pair view (IM-RM).
+
+    Raises:
+      ConfigError, DataError: as `contribution_matrix`.
+    """
+    contrib = contribution_matrix(
+        rm, params, train, evalset, params_spec=params_spec, lr=lr, mode=mode, project=project, seed=seed,
+        block=block, memory_budget_gb=memory_budget_gb, mesh=mesh, progress=progress,
+    )  # fmt: skip
+    rm, params, _ = prepare(rm, params, params_spec)
+    is_im = isinstance(rm, ImplicitRM)
+    beta = rm.beta if is_im else 1.0
+    scores = overlap_scores(rm.lm, params["lm"], train, evalset, beta=beta)
+    stats = overlap_statistics(contrib.contribution, scores, contrib.weight, lr)
+    rankings = []
+    for i in range(evalset.size):
+        up, down = contrib.top(i, top)
+        rankings.append({"up": up, "down": down})
+    views: dict[str, TokenPairView] = {}
+    if is_im and token_entries > 0:
+        views = _token_views(rm, params, train, evalset, contrib, lr, beta, top, token_entries)
+    return Attribution(contrib, scores, stats, rankings, views)
+
+
+def _token_views(rm, params, train, evalset, contrib, lr, beta, top, n_entries) -> dict[str, TokenPairView]:
+    lm, lm_params = rm.lm, params["lm"]
+    if evalset.rejected is None:
+        ev = [("response", 1.0, sequence_states(lm, lm_params, evalset.chosen))]
+    else:
+        ev = [
+            ("chosen", 1.0, sequence_states(lm, lm_params, evalset.chosen)),
+            ("rejected", -1.0, sequence_states(lm, lm_params, evalset.rejected)),
+        ]
+    tr = [
+        ("chosen", 1.0, sequence_states(lm, lm_params, train.chosen)),
+        ("rejected", -1.0, sequence_states(lm, lm_params, train.rejected)),
+    ]
+    views = {}
+    for i, j in largest_entries(contrib.contribution, n_entries):
+        scale = lr * float(contrib.weight[j]) * beta**2
+        views[f"{i},{j}"] = token_pairs(lm, lm_params, ev, tr, i, j, scale=scale, n=top)
+    return views
