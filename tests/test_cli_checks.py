@@ -121,6 +121,30 @@ CASES = {
         ["experiment", "persona", "--set", "trait=bogus", "--out", "{tmp}/e"],
         ["trait 'bogus'", "traits: agreeableness, extraversion, openness"],
     ),
+    "attribute --project": (
+        ["attribute", "--train", "{good}", "--eval", "{good}", "--project", "0", "--out", "{tmp}/o"],
+        ["--project must be ≥ 1"],
+    ),
+    "attribute --eval": (
+        ["attribute", "--train", "{good}", "--eval", "{tmp}/no.jsonl", "--out", "{tmp}/o"],
+        ["--eval {tmp}/no.jsonl: no such file"],
+    ),
+    "attribute eval field": (
+        ["attribute", "--train", "{good}", "--eval", "{evalbad}", "--out", "{tmp}/o"],
+        ["{evalbad} line 2: ", "'rejected'"],
+    ),
+    "attribute eval empty response": (
+        ["attribute", "--train", "{good}", "--eval", "{evalempty}", "--out", "{tmp}/o"],
+        ["{evalempty} line 1: field 'response' is empty"],
+    ),
+    "attribute N = 0": (
+        ["attribute", "--train", "{emptyfile}", "--eval", "{good}", "--out", "{tmp}/o"],
+        ["{emptyfile}", "no rows"],
+    ),
+    "attribute --params": (
+        ["attribute", "--train", "{good}", "--eval", "{good}", "--params", "last:0", "--out", "{tmp}/o"],
+        ["--params", "'last:0'"],
+    ),
     "footnote3 trait": (
         ["footnote3", "--set", "trait=bogus", "--out", "{tmp}/o"],
         ["traits: agreeableness, extraversion, openness"],
@@ -136,7 +160,14 @@ def places(tmp_path_factory):
     (tmp / "taken" / "reward=im").mkdir(parents=True)
     (tmp / "taken" / "reward=im" / "config.json").write_text("{}\n")
     (tmp / "occupied" / "theorem2.json").mkdir(parents=True)
-    return {"tmp": str(tmp), "file": str(tmp / "afile"), "taken": str(tmp / "taken"), "empty": str(tmp / "empty")}
+    row = '{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
+    (tmp / "good.jsonl").write_text(row)
+    (tmp / "evalbad.jsonl").write_text(row + '{"prompt": "p", "chosen": "a"}\n')
+    (tmp / "evalempty.jsonl").write_text('{"prompt": "p", "response": " "}\n')
+    (tmp / "emptyfile.jsonl").write_text("")
+    names = {k: str(tmp / f"{k}.jsonl") for k in ("good", "evalbad", "evalempty", "emptyfile")}
+    return {"tmp": str(tmp), "file": str(tmp / "afile"), "taken": str(tmp / "taken"), "empty": str(tmp / "empty"),
+            **names}  # fmt: skip
 
 
 def _fill(text: str, places: dict[str, str]) -> str:

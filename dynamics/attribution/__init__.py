@@ -1,11 +1,62 @@
 """Dataset-scale attribution: which training pairs (and tokens) moved which eval rewards (docs/math.md §10).
 
-- `contribution_matrix`: C_ij = η w_j ⟨∇q_i, ∇r(x_j,y_j+) − ∇r(x_j,y_j−)⟩ for M eval items × N training pairs,
-  exact or from random projections of the per-sequence gradients.
-- `load_eval_items`, `EvalSet`: eval pairs (margins) or single responses (rewards).
+    from dynamics.attribution import EvalSet, attribute
+    result = attribute(rm, params, train, EvalSet(eval_chosen, eval_rejected), params_spec="last:2", lr=1e-3)
+
+Modules (one idea each):
+
+    evalset        eval items: pairs (margins) or single responses; the JSONL reader (pure Python: no JAX)
+    gradients      exact per-sequence reward gradients, one backward pass each, in blocks
+    projected      k-dimensional random (Kronecker) projections of them, never forming a layer's gradient
+    contributions  the contribution matrix C = η w ⊙ ⟨∇q_i, ∇m_j⟩ (§10.1)
+    overlap        token overlap, the indicator term and hidden similarity; their rank statistics (§10.5)
+    tokens         the IM-RM token-pair view of one C_ij (§10.6)
+    analysis       attribute(): all of the above for one reward type
+
+Importing this package does not import JAX: every name but those of `evalset` loads on first use (PEP 562).
 """
 
-from dynamics.attribution.contributions import Contributions, contribution_matrix, eval_values
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from dynamics.attribution.evalset import EvalItems, EvalSet, load_eval_items
 
-__all__ = ["Contributions", "EvalItems", "EvalSet", "contribution_matrix", "eval_values", "load_eval_items"]
+# public name → the submodule that defines it (imported on first access)
+_LAZY = {
+    "Attribution": "analysis",
+    "attribute": "analysis",
+    "Contributions": "contributions",
+    "contribution_matrix": "contributions",
+    "eval_values": "contributions",
+    "OverlapScores": "overlap",
+    "overlap_scores": "overlap",
+    "overlap_statistics": "overlap",
+    "TokenPairView": "tokens",
+    "token_pairs": "tokens",
+}
+
+__all__ = [
+    "Attribution",
+    "Contributions",
+    "EvalItems",
+    "EvalSet",
+    "OverlapScores",
+    "TokenPairView",
+    "attribute",
+    "contribution_matrix",
+    "eval_values",
+    "load_eval_items",
+    "overlap_scores",
+    "overlap_statistics",
+    "token_pairs",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"dynamics.attribution.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dynamics.attribution' has no attribute {name!r}")

@@ -113,7 +113,7 @@ def attribute(
     is_im = isinstance(rm, ImplicitRM)
     beta = rm.beta if is_im else 1.0
     scores = overlap_scores(rm.lm, params["lm"], train, evalset, beta=beta)
-    stats = overlap_statistics(contrib.contribution, scores, contrib.weight, lr)
+    stats = overlap_statistics(contrib.contribution, scores, contrib.weight, lr, implicit=is_im)
     rankings = []
     for i in range(evalset.size):
         up, down = contrib.top(i, top)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from dynamics.batches import PairBatch
 from dynamics.datasets import PreferenceRow, UnseenPair, load_preferences, load_unseen_pairs, read_jsonl
 from dynamics.errors import DataError
+
+if TYPE_CHECKING:  # the text side needs no JAX: the CLI reads and checks the files before JAX loads
+    from dynamics.batches import PairBatch
 
 __all__ = ["EvalItems", "EvalKind", "EvalSet", "load_eval_items"]
 

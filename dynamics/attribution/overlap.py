@@ -145,23 +145,32 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def overlap_statistics(contribution: np.ndarray, scores: OverlapScores, weight: np.ndarray, lr: float) -> dict[str, Any]:
+def overlap_statistics(
+    contribution: np.ndarray, scores: OverlapScores, weight: np.ndarray, lr: float, *, implicit: bool = True
+) -> dict[str, Any]:
     """How much of C follows token overlap vs hidden-state similarity (docs/math.md §10.5).
 
     Returns:
-      spearman_overlap, spearman_indicator, spearman_hidden: rank correlations of C with O, with η w_j I_ij and
-      with H over all (i, j); indicator_share: Σ|η w_j I_ij| / Σ|C_ij| (how large the identical-token term is
-      next to the whole contribution), and the fraction of entries where C_ij and I_ij have the same sign.
+      spearman_overlap, spearman_hidden: rank correlations of C with O and with H over all (i, j). For an IM-RM
+      (`implicit`) also spearman_indicator (C against η w_j I_ij), indicator_share Σ|η w_j I_ij| / Σ|C_ij| (the
+      identical-token term of Eq. (5) next to the whole contribution) and sign_agreement_indicator (the fraction
+      of entries where C_ij and I_ij have the same sign); None for an EX-RM, whose reward has no such term.
     """
+    stats: dict[str, Any] = {
+        "spearman_overlap": spearman(contribution, scores.overlap),
+        "spearman_hidden": spearman(contribution, scores.hidden),
+        "spearman_indicator": None,
+        "indicator_share": None,
+        "sign_agreement_indicator": None,
+    }
+    if not implicit:
+        return stats
     ind = lr * scores.indicator * weight[None, :]
     total = float(np.abs(contribution).sum())
     nonzero = (contribution != 0) & (ind != 0)
-    return {
-        "spearman_overlap": spearman(contribution, scores.overlap),
-        "spearman_indicator": spearman(contribution, ind),
-        "spearman_hidden": spearman(contribution, scores.hidden),
-        "indicator_share": float(np.abs(ind).sum() / total) if total else float("nan"),
-        "sign_agreement_indicator": float(np.mean(np.sign(contribution[nonzero]) == np.sign(ind[nonzero])))
-        if nonzero.any()
-        else float("nan"),
-    }
+    stats["spearman_indicator"] = spearman(contribution, ind)
+    stats["indicator_share"] = float(np.abs(ind).sum() / total) if total else float("nan")
+    stats["sign_agreement_indicator"] = (
+        float(np.mean(np.sign(contribution[nonzero]) == np.sign(ind[nonzero]))) if nonzero.any() else float("nan")
+    )
+    return stats

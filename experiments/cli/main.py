@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "experiment",
     "delta",
     "rho",
+    "attribute",
     "check_step",
     "demo",
     "footnote3",

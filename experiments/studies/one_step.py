@@ -17,6 +17,8 @@ __all__ = [
     "describe_pairs",
     "describe_rows",
     "encode",
+    "encode_triples",
+    "encode_unseen",
     "pair_label",
     "pair_name",
     "reward_model",
@@ -99,21 +101,32 @@ def encode(loaded: Any, rows: Sequence[Any], pairs: Sequence[Any]) -> tuple[Any,
       DataError: a triple or a pair longer than the model's context, named as the user gave it ("--pair #2",
         "--train FILE line 7", ...), with its lengths.
     """
-    from dynamics.errors import SequenceTooLongError
-    from dynamics.text import encode_pairs, encode_preferences
+    return encode_triples(loaded, rows), encode_unseen(loaded, pairs)
 
-    max_len = loaded.lm.config.max_position
+
+def encode_triples(loaded: Any, rows: Sequence[Any]) -> Any:
+    """The PreferenceBatch of preference rows (`encode`'s first half; a DataError names a row over the context)."""
+    from dynamics.errors import SequenceTooLongError
+    from dynamics.text import encode_preferences
+
     try:
-        train = encode_preferences(loaded.tokenizer, rows, max_length=max_len)
+        return encode_preferences(loaded.tokenizer, rows, max_length=loaded.lm.config.max_position)
     except SequenceTooLongError as err:
         raise _too_long(row_name(rows[err.index]), err) from None
+
+
+def encode_unseen(loaded: Any, pairs: Sequence[Any]) -> Any:
+    """The PairBatch of unseen pairs (`encode`'s second half; a DataError names a pair over the context)."""
+    from dynamics.errors import SequenceTooLongError
+    from dynamics.text import encode_pairs
+
     try:
-        unseen = encode_pairs(
-            loaded.tokenizer, [p.prompt for p in pairs], [p.response for p in pairs], max_length=max_len
-        )
+        return encode_pairs(
+            loaded.tokenizer, [p.prompt for p in pairs], [p.response for p in pairs],
+            max_length=loaded.lm.config.max_position,
+        )  # fmt: skip
     except SequenceTooLongError as err:
         raise _too_long(pair_name(pairs[err.index]), err) from None
-    return train, unseen
 
 
 def describe_rows(rows: Sequence[Any]) -> list[dict[str, Any]]:
