@@ -113,3 +113,13 @@ def test_plans_know_the_device_keys():
 
     with pytest.raises(ConfigError, match="param_sharding must be one of"):
         validate(load_plan("persona", "cpu", ["param_sharding=tensor"]).values)
+
+
+def test_sharded_attribution_matches_single_device():
+    """C on 8 forced CPU devices (each block's rows split over them) equals the one-device C in float64."""
+    out = run_worker("_sharding_attribution_worker.py")
+    assert out["devices"] == 8
+    for kind in ("ex", "im"):
+        assert out[kind]["devices"] == 8
+        assert out[kind]["rel"] <= 1e-10, out
+        assert out[kind]["weight_rel"] <= 1e-12, out
