@@ -90,18 +90,20 @@ def token_pair_bars(
     png: str | os.PathLike[str],
     *,
     title: str = "IM-RM token pairs",
+    entries: Mapping[str, float] | None = None,
 ) -> tuple[Path, Path]:
     """One panel per entry "i,j": its largest token-pair terms (identical tokens hatched) and the indicator share.
 
-    `token_text(id) -> str` renders a token.
+    `token_text(id) -> str` renders a token; `entries` ("i,j" → C_ij) adds the whole contribution to each title,
+    beside its unembedding part C^W_ij that the terms sum to.
     """
     data = {}
     with house_style():
         fig, axes = new_figure(max(1, len(views)), panel_size=(3.8, 3.4))
         for ax, (key, view) in zip(axes, views.items(), strict=False):
             top = view["top"]
-            labels = [f"ȳ{_sign(t['a'])}{token_text(t['eval_token'])!r} · y{_sign(t['b'])}{token_text(t['train_token'])!r}"
-                      for t in top]  # fmt: skip
+            labels = [f"ȳ{_sign(t['a'])}[{t['k']}] {token_text(t['eval_token'])!r} · "
+                      f"y{_sign(t['b'])}[{t['l']}] {token_text(t['train_token'])!r}" for t in top]  # fmt: skip
             values = [t["value"] for t in top]
             y = np.arange(len(top))[::-1]
             bars = ax.barh(y, values, color=IM_COLOR)
@@ -111,7 +113,8 @@ def token_pair_bars(
             ax.set_yticks(y, labels, fontsize=6)
             ax.axvline(0, color="0.3", lw=0.8)
             share = view["indicator_share"]
-            ax.set_title(f"C^W[{key}] = {view['total']:.3g}\nidentical-token share {share:.2f}", fontsize=8)
+            whole = "" if entries is None or key not in entries else f"C[{key}] = {entries[key]:.3g}, "
+            ax.set_title(f"{whole}C^W = {view['total']:.3g}\nidentical-token share {share:.2f}", fontsize=8)
             data[key] = {"labels": labels, "values": values, "indicator_share": share}
         fig.suptitle(title)
         return save_figure(fig, png, data)

@@ -54,7 +54,21 @@ def _statistics_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     for label, res in results.items():
         s = res["statistics"]
         rows.append(f"<tr><th>{_e(label)}</th>" + "".join(f'<td class="num">{_num(s[k])}</td>' for k in keys) + "</tr>")
-    return f"<table><tr><th>reward</th>{head}</tr>{''.join(rows)}</table>"
+    table = f"<table><tr><th>reward</th>{head}</tr>{''.join(rows)}</table>"
+    sources = {label: res["statistics"].get("source") for label, res in results.items()}
+    if any(sources.values()):
+        cells = "".join(
+            f"<tr><th>{_e(label)}</th><td class='num'>{_num(s['mean_rank'])}</td><td class='num'>"
+            f"{_num(s['median_rank'])}</td><td class='num'>{_num(s['top1'])}</td><td class='num'>{_num(s['top5'])}"
+            f"</td><td class='num'>{_num(s['chance_mean_rank'])}</td></tr>"
+            for label, s in sources.items() if s
+        )
+        table += (
+            "<p>Where each eval item ranks the training pair it derives from (train_row):</p><table><tr><th>reward"
+            "</th><th>mean rank</th><th>median rank</th><th>top-1</th><th>top-5</th><th>chance mean rank</th></tr>"
+            f"{cells}</table>"
+        )
+    return table
 
 
 def _item_text(item: Mapping[str, Any]) -> str:
@@ -92,9 +106,11 @@ def _item_section(i: int, item, results, train) -> str:
     return f'<div class="item"><h3>Eval item {i}</h3><p>{_item_text(item)}</p><div class="cols">{"".join(cols)}</div></div>'
 
 
-def _token_table(views: Mapping[str, Mapping[str, Any]], token_text: Callable[[int], str]) -> str:
+def _token_table(res: Mapping[str, Any], token_text: Callable[[int], str]) -> str:
     parts = []
-    for key, view in views.items():
+    C = res["contributions"]["contribution"]
+    for key, view in res.get("token_views", {}).items():
+        i, j = map(int, key.split(","))
         rows = "".join(
             f"<tr><td>ȳ{_e(t['a'])} k={t['k']} {_e(repr(token_text(t['eval_token'])))}</td>"
             f"<td>y{_e(t['b'])} l={t['l']} {_e(repr(token_text(t['train_token'])))}</td>"
@@ -103,7 +119,8 @@ def _token_table(views: Mapping[str, Mapping[str, Any]], token_text: Callable[[i
             for t in view["top"]
         )
         parts.append(
-            f"<h4>entry (i, j) = ({_e(key)}): C^W = {_num(view['total'])}, identical tokens {_num(view['indicator'])}"
+            f"<h4>entry (i, j) = ({_e(key)}): C_ij = {_num(C[i][j])}, of which through W: C^W = {_num(view['total'])};"
+            f" identical tokens {_num(view['indicator'])}"
             f" (share {_num(view['indicator_share'])}), rest {_num(view['rest'])}</h4><table><tr><th>eval token</th>"
             "<th>training token</th><th>ρ</th><th>⟨h, h'⟩</th><th>term</th><th>identical</th></tr>"
             f"{rows}</table>"
@@ -144,7 +161,7 @@ def write_report(
     if any(res.get("token_views") for res in results.values()):
         body.append("<h2>IM-RM token pairs of the largest contributions (unembedding closed form)</h2>")
         for res in results.values():
-            body.append(_token_table(res.get("token_views", {}), token_text))
+            body.append(_token_table(res, token_text))
     body.append("<h2>Per eval item: the training pairs that push it up and down</h2>")
     body += [_item_section(i, items[i], results, train) for i in range(min(max_items, len(items)))]
     if len(items) > max_items:

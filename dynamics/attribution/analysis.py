@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from dynamics.attribution.evalset import EvalSet
 from dynamics.attribution.overlap import OverlapScores, overlap_scores, overlap_statistics, sequence_states
 from dynamics.attribution.tokens import TokenPairView, token_pairs
 
-__all__ = ["Attribution", "attribute", "largest_entries"]
+__all__ = ["Attribution", "attribute", "largest_entries", "source_ranks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +76,27 @@ def largest_entries(contribution: np.ndarray, n: int) -> list[tuple[int, int]]:
     return [tuple(int(x) for x in np.unravel_index(f, contribution.shape)) for f in order]
 
 
+def source_ranks(contribution: np.ndarray, train_rows: Sequence[int | None]) -> dict[str, Any] | None:
+    """Where each eval item ranks the training pair it derives from (e.g. the pair it paraphrases).
+
+    rank_i = 1 + #{j : C_ij > C_i,src(i)} (1: its source pushes it up more than any other pair).
+
+    Returns:
+      None if no item names a source; else n, mean_rank, median_rank, top1 and top5 (the fractions of items whose
+      source ranks first / in the first five), chance_mean_rank ((N + 1) / 2), and the per-item ranks.
+    """
+    items = [(i, s) for i, s in enumerate(train_rows) if s is not None]
+    if not items:
+        return None
+    ranks = [int(1 + np.sum(contribution[i] > contribution[i, s])) for i, s in items]
+    r = np.asarray(ranks, np.float64)
+    return {
+        "n": len(ranks), "mean_rank": float(r.mean()), "median_rank": float(np.median(r)),
+        "top1": float(np.mean(r == 1)), "top5": float(np.mean(r <= 5)),
+        "chance_mean_rank": (contribution.shape[1] + 1) / 2, "ranks": ranks,
+    }  # fmt: skip
+
+
 def attribute(
     rm: RewardModel,
     params,
@@ -88,6 +110,7 @@ def attribute(
     seed: int = 0,
     top: int = 5,
     token_entries: int = 4,
+    train_rows: Sequence[int | None] | None = None,
     block: int = 8,
     memory_budget_gb: float = 8.0,
     mesh=None,
@@ -101,10 +124,14 @@ def attribute(
       params_spec, lr, mode, project, seed, block, memory_budget_gb, mesh, progress: as `contribution_matrix`.
       top: training pairs kept per eval item and direction in `rankings`, and token pairs per token view.
       token_entries: how many of the largest |C_ij| get a token-pair view (IM-RM).
+      train_rows: per eval item, the training pair it derives from, or None: adds `source_ranks` to the
+        statistics (as "source").
 
     Raises:
       ConfigError, DataError: as `contribution_matrix`.
     """
+    if train_rows is not None:
+        _check_train_rows(train_rows, evalset.size, train.batch_size)
     contrib = contribution_matrix(
         rm, params, train, evalset, params_spec=params_spec, lr=lr, mode=mode, project=project, seed=seed,
         block=block, memory_budget_gb=memory_budget_gb, mesh=mesh, progress=progress,
@@ -114,6 +141,7 @@ def attribute(
     beta = rm.beta if is_im else 1.0
     scores = overlap_scores(rm.lm, params["lm"], train, evalset, beta=beta)
     stats = overlap_statistics(contrib.contribution, scores, contrib.weight, lr, implicit=is_im)
+    stats["source"] = None if train_rows is None else source_ranks(contrib.contribution, train_rows)
     rankings = []
     for i in range(evalset.size):
         up, down = contrib.top(i, top)
@@ -122,6 +150,16 @@ def attribute(
     if is_im and token_entries > 0:
         views = _token_views(rm, params, train, evalset, contrib, lr, beta, top, token_entries)
     return Attribution(contrib, scores, stats, rankings, views)
+
+
+def _check_train_rows(train_rows: Sequence[int | None], n_eval: int, n_train: int) -> None:
+    from dynamics.errors import ConfigError
+
+    if len(train_rows) != n_eval:
+        raise ConfigError(f"train_rows has {len(train_rows)} entries for {n_eval} eval items")
+    for i, s in enumerate(train_rows):
+        if s is not None and not 0 <= s < n_train:
+            raise ConfigError(f"eval item {i}: train_row {s} is not a training pair (0..{n_train - 1})")
 
 
 def _token_views(rm, params, train, evalset, contrib, lr, beta, top, n_entries) -> dict[str, TokenPairView]:

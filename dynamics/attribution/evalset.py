@@ -26,10 +26,15 @@ EvalKind = Literal["pairs", "responses"]
 
 @dataclasses.dataclass(frozen=True)
 class EvalItems:
-    """Eval items as text: `rows` are `PreferenceRow`s (kind "pairs") or `UnseenPair`s (kind "responses")."""
+    """Eval items as text: `rows` are `PreferenceRow`s (kind "pairs") or `UnseenPair`s (kind "responses").
+
+    `train_rows[i]` is the optional "train_row" field of item i: the training pair it was derived from (e.g. the
+    pair it paraphrases), or None.
+    """
 
     kind: EvalKind
     rows: tuple[Any, ...]
+    train_rows: tuple[int | None, ...] = ()
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -37,8 +42,12 @@ class EvalItems:
     def describe(self) -> list[dict[str, Any]]:
         """JSON-ready texts: {prompt, chosen, rejected} or {prompt, response, label}, with the source line."""
         if self.kind == "pairs":
-            return [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected, "line": r.line} for r in self.rows]
-        return [{"prompt": p.prompt, "response": p.response, "label": p.label, "line": p.line} for p in self.rows]
+            out = [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected, "line": r.line} for r in self.rows]
+        else:
+            out = [{"prompt": p.prompt, "response": p.response, "label": p.label, "line": p.line} for p in self.rows]
+        for item, source in zip(out, self.train_rows, strict=False):
+            item["train_row"] = source
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,30 +74,44 @@ class EvalSet:
 def load_eval_items(path: str | os.PathLike) -> EvalItems:
     """Read an eval file: pairs {prompt, chosen, rejected} or single responses {prompt, response[, label]}.
 
+    Any row may carry "train_row": the 0-based index of the training pair it derives from (`EvalItems.train_rows`).
+
     Raises:
       DataError: an empty file, a row of the other kind than the first row, a missing, non-string or empty field
-        (file and 1-based line).
+        (file and 1-based line); a "train_row" that is not an integer ≥ 0.
     """
-    first_line, first = read_jsonl(path)[0]
+    lines = read_jsonl(path)
+    first_line, first = lines[0]
+    sources = tuple(_train_row(obj, f"{path} line {n}") for n, obj in lines)
     if "response" in first:
-        pairs: list[UnseenPair] = load_unseen_pairs(path)
-        for n, obj in read_jsonl(path):
+        for n, obj in lines:
             if "response" not in obj:
                 raise DataError(
                     f"{path} line {n}: line {first_line} made this a file of single responses "
                     f"{{prompt, response}}, but this row has fields {sorted(obj)}"
                 )
-        return EvalItems("responses", tuple(pairs))
+        pairs: list[UnseenPair] = load_unseen_pairs(path)
+        return EvalItems("responses", tuple(pairs), sources)
     if "chosen" in first or "rejected" in first:
-        for n, obj in read_jsonl(path):
+        for n, obj in lines:
             if "response" in obj:
                 raise DataError(
                     f"{path} line {n}: line {first_line} made this a file of pairs {{prompt, chosen, rejected}}, "
                     "but this row has a 'response' field"
                 )
         rows: list[PreferenceRow] = load_preferences(path)
-        return EvalItems("pairs", tuple(rows))
+        return EvalItems("pairs", tuple(rows), sources)
     raise DataError(
         f"{path} line {first_line}: an eval item is a pair {{prompt, chosen, rejected}} or a single response "
         f"{{prompt, response}}; fields: {sorted(first)}"
     )
+
+
+def _train_row(obj: dict[str, Any], where: str) -> int | None:
+    """The optional "train_row" field: a 0-based index into the training pairs, or None."""
+    value = obj.get("train_row")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DataError(f"{where}: field 'train_row' must be an integer ≥ 0 (a training pair's row), got {value!r}")
+    return value

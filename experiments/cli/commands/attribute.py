@@ -38,9 +38,14 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--train", required=True, metavar="FILE", help="JSONL of training pairs {prompt, chosen, rejected}")
-    parser.add_argument("--eval", required=True, metavar="FILE",
-                        help="JSONL of eval pairs {prompt, chosen, rejected} or responses {prompt, response}")  # fmt: skip
+    parser.add_argument("--train", metavar="FILE", help="JSONL of training pairs {prompt, chosen, rejected}")
+    parser.add_argument("--eval", metavar="FILE",
+                        help="JSONL of eval pairs {prompt, chosen, rejected} or responses {prompt, response}; "
+                             "an optional integer field train_row names the training pair an item derives from")  # fmt: skip
+    parser.add_argument("--bundled", choices=("persona", "ultrafeedback"), default=None,
+                        help="instead of --train/--eval: a bundled input set, written to --out as train.jsonl and "
+                             "eval.jsonl (persona: 80 agreeableness triples vs the 40 test paraphrase pairs; "
+                             "ultrafeedback: 64 pairs vs their paraphrases)")  # fmt: skip
     parser.add_argument("--reward", choices=arguments.REWARD_CHOICES, default="both", help="reward type(s) (default both)")
     parser.add_argument("--params", default="all", metavar="SPEC",
                         help=f"trainable parameters: {arguments.PARAMS_HELP} (default all)")  # fmt: skip
@@ -76,6 +81,10 @@ def _check_options(args: argparse.Namespace) -> tuple[list[str], str]:
             raise ConfigError(f"{flag} must be ≥ 1, got {value}")
     if args.token_entries < 0:
         raise ConfigError(f"--token-entries must be ≥ 0, got {args.token_entries}")
+    if args.bundled is not None and (args.train or args.eval):
+        raise ConfigError("--bundled replaces --train and --eval: give one or the other")
+    if args.bundled is None and not (args.train and args.eval):
+        raise ConfigError("give --train FILE and --eval FILE (or --bundled persona|ultrafeedback)")
     from experiments.cli.preflight import check_input_file
 
     check_input_file(args.eval, "--eval")
@@ -87,8 +96,20 @@ def _read_inputs(args: argparse.Namespace) -> tuple[list[Any], Any]:
     """(training rows, eval items), each file checked row by row (file and line in every error)."""
     from dynamics.attribution import load_eval_items
     from dynamics.datasets import load_preferences
+    from dynamics.errors import DataError
 
-    return load_preferences(args.train), load_eval_items(args.eval)
+    if args.bundled is not None:
+        from experiments.studies.attribution_inputs import write_inputs
+
+        args.train, args.eval = (str(p) for p in write_inputs(args.bundled, args.out))
+    rows, items = load_preferences(args.train), load_eval_items(args.eval)
+    for n, source in enumerate(items.train_rows):
+        if source is not None and source >= len(rows):
+            raise DataError(
+                f"{args.eval}: item {n} (line {items.rows[n].line}) has train_row {source}, but {args.train} has "
+                f"{len(rows)} training pairs"
+            )
+    return rows, items
 
 
 def _encode(loaded: Any, rows: list[Any], items: Any) -> tuple[Any, Any]:
@@ -110,9 +131,14 @@ def _figures(out: Path, results: dict[str, Any], loaded: Any) -> list[tuple[Path
         (contribution_heatmaps(results, out / "attribution_heatmap.png")[0], "C over its largest rows and columns"),
         (overlap_scatter(results, out / "attribution_overlap.png")[0], "rank of C against token overlap and hidden similarity"),
     ]  # fmt: skip
-    views = {k: v for res in results.values() for k, v in res.get("token_views", {}).items()}
+    views, entries = {}, {}
+    for res in results.values():
+        C = res["contributions"]["contribution"]
+        for key, view in res.get("token_views", {}).items():
+            i, j = map(int, key.split(","))
+            views[key], entries[key] = view, C[i][j]
     if views:
-        png, _ = token_pair_bars(views, _token_text(loaded), out / "attribution_tokens.png")
+        png, _ = token_pair_bars(views, _token_text(loaded), out / "attribution_tokens.png", entries=entries)
         images.append((png, "IM-RM: the largest token-pair terms of the largest entries (hatched: identical tokens)"))
     return images
 
@@ -152,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
             rm, params, train, evalset, params_spec=spec, lr=args.lr, mode="exact" if args.project is None else "projected",
             project=args.project, seed=args.projection_seed, top=args.top, token_entries=args.token_entries,
             block=args.block, memory_budget_gb=args.memory_budget, progress=True,
+            train_rows=items.train_rows if any(r is not None for r in items.train_rows) else None,
         )  # fmt: skip
         s = res.statistics
         print(
@@ -159,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
             f"trained parameters; Spearman(C, overlap) {s['spearman_overlap']:.3f}, (C, hidden) "
             f"{s['spearman_hidden']:.3f}"
             + ("" if s["indicator_share"] is None else f", identical-token share {s['indicator_share']:.3f}")
-        )
+            + ("" if s["source"] is None else f"; own source pair: mean rank {s['source']['mean_rank']:.1f} of "
+               f"{len(rows)}, top-1 {s['source']['top1']:.2f}")
+        )  # fmt: skip
         results[reward_label(kind)] = res.to_dict()
     out = Path(args.out)
     data = {
@@ -168,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         "eval": {"file": portable_path(args.eval, out), "kind": items.kind, "rows": items.describe()},
         "options": {
             "params": spec, "lr": args.lr, "project": args.project, "projection_seed": args.projection_seed,
-            "beta": args.beta, "seed": args.seed, "top": args.top, "block": args.block,
+            "beta": args.beta, "seed": args.seed, "top": args.top, "block": args.block, "bundled": args.bundled,
         },
         "results": results,
     }  # fmt: skip
