@@ -170,3 +170,46 @@ def test_bad_input(x64, tmp_path):
     items = load_eval_items(good)
     assert items.kind == "pairs" and len(items) == 1 and items.describe()[0]["line"] == 1
     assert isinstance(train, PreferenceBatch)
+
+
+def test_source_ranks_count_larger_entries():
+    from dynamics.attribution.analysis import source_ranks
+
+    C = np.array([[0.3, 0.1, -0.2], [0.5, 0.6, 0.7], [0.0, 0.0, 0.0]])
+    s = source_ranks(C, [0, 0, None])
+    assert s["ranks"] == [1, 3] and s["top1"] == 0.5 and s["mean_rank"] == 2.0 and s["chance_mean_rank"] == 2.0
+    assert source_ranks(C, [None, None, None]) is None
+
+
+def test_train_row_field(tmp_path):
+    f = tmp_path / "e.jsonl"
+    f.write_text('{"prompt": "a", "chosen": "b", "rejected": "c", "train_row": 3}\n{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    assert load_eval_items(f).train_rows == (3, None)
+    f.write_text('{"prompt": "a", "response": "b", "train_row": -1}\n')
+    with pytest.raises(DataError, match="line 1: field 'train_row' must be an integer ≥ 0"):
+        load_eval_items(f)
+
+
+def test_bundled_inputs_follow_their_sources():
+    """persona: the plan's 80 training triples and 40 test paraphrase pairs; ultrafeedback: eval i is the
+    paraphrased row of training pair i (same prompt, other responses)."""
+    import json as _json
+
+    from experiments.plans.grammar import load_plan
+    from experiments.studies.attribution_inputs import bundled_inputs
+    from experiments.studies.bundled import bundled_data_path
+    from experiments.studies.persona.data import persona_texts
+
+    train, evals = bundled_inputs("persona")
+    texts = persona_texts(load_plan("persona").values)
+    assert train == [dict(r) for r in texts.train] and len(evals) == 40
+    assert [e["prompt"] for e in evals] == [r["prompt"] for r in texts.test]
+    assert all(e["chosen"].startswith("My response would be ") and e["rejected"].startswith("I lean toward ") for e in evals)
+    train, evals = bundled_inputs("ultrafeedback")
+    assert len(train) == len(evals) == 64 and [e["train_row"] for e in evals] == list(range(64))
+    para = {}
+    for line in bundled_data_path("preferences/ultrafeedback_paraphrased.test.jsonl").read_text().splitlines():
+        obj = _json.loads(line)
+        para[obj["source_id"]] = obj
+    for t, e in zip(train, evals, strict=True):
+        assert e["prompt"] == t["prompt"] and e["chosen"] == para[t["id"]]["chosen"] != t["chosen"]

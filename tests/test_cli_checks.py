@@ -145,6 +145,10 @@ CASES = {
         ["attribute", "--train", "{good}", "--eval", "{good}", "--params", "last:0", "--out", "{tmp}/o"],
         ["--params", "'last:0'"],
     ),
+    "attribute --bundled with --train": (
+        ["attribute", "--bundled", "persona", "--train", "{good}", "--out", "{tmp}/o"],
+        ["--bundled replaces --train and --eval"],
+    ),
     "footnote3 trait": (
         ["footnote3", "--set", "trait=bogus", "--out", "{tmp}/o"],
         ["traits: agreeableness, extraversion, openness"],
