@@ -9,6 +9,7 @@ module level (registration has to stay cheap).
     rmdyn bench delta --memory 8,16,32,64,128,256     # compiled peak memory, eNTK vs per-example gradients
     rmdyn bench rho         # |ȳ| = |v| = 512: vocabulary-chunked ρ vs the full-vocabulary computation
     rmdyn bench train       # IM-RM training step: rmdyn (JAX) vs transformers + torch.optim.Adam
+    rmdyn bench attribute   # contribution matrix: total time vs (2N + 2M) single gradients; --memory N,N: peak vs N
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ BENCH_TARGETS: dict[str, str] = {
     "delta": "experiments.benchmarks.delta",
     "rho": "experiments.benchmarks.rho",
     "train": "experiments.benchmarks.train",
+    "attribute": "experiments.benchmarks.attribute",
 }
 
 
