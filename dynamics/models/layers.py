@@ -17,7 +17,18 @@ from jaxtyping import Array, Bool, Float, Int
 
 from dynamics.models.config import DecoderConfig, llama3_inv_freq
 
-__all__ = ["MLP", "Attention", "Block", "Einsum", "Norm", "apply_rope", "contract", "rope_angles", "rope_inv_freq"]
+__all__ = [
+    "MLP",
+    "Attention",
+    "Block",
+    "Einsum",
+    "Norm",
+    "apply_rope",
+    "contract",
+    "contracted_axes",
+    "rope_angles",
+    "rope_inv_freq",
+]
 
 _INIT = nn.initializers.normal(stddev=0.02)
 
@@ -47,7 +58,7 @@ def contract(x: Array, w: Array, n: int) -> Array:
     return jnp.reshape(y, (*lead, *outer))
 
 
-def _contracted_axes(spec: str) -> int | None:
+def contracted_axes(spec: str) -> int | None:
     """n if `spec` contracts the last n axes of x with the first n of w, keeping the rest in order, else None."""
     inputs, out = spec.replace(" ", "").split("->")
     xs, ws = inputs.split(",")
@@ -55,6 +66,9 @@ def _contracted_axes(spec: str) -> int | None:
     if n and xs[-n:] == ws[:n] and out == xs[:-n] + ws[n:]:
         return n
     return None
+
+
+_contracted_axes = contracted_axes  # the former private name, kept for existing callers
 
 
 class Einsum(nn.Module):
@@ -67,7 +81,7 @@ class Einsum(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         w = self.param("w", _INIT, self.shape).astype(x.dtype)
-        n = _contracted_axes(self.spec)
+        n = contracted_axes(self.spec)
         y = jnp.einsum(self.spec, x, w) if n is None else contract(x, w, n)
         if self.bias_shape is not None:
             y = y + _lead(self.param("b", nn.initializers.zeros, self.bias_shape).astype(y.dtype), y)
