@@ -255,6 +255,16 @@ def test_bench_rho_on_tiny_model(tiny_dir, tmp_path, capsys):
         assert row["max_abs_diff"] < 1e-5  # the chunked ρ is the full-vocabulary ρ
 
 
+def test_bench_attribute_ratio_is_its_timings(tiny_dir, tmp_path, capsys):
+    out = _main(["bench", "attribute", "--model", tiny_dir, "--pairs", 3, "--eval", 2, "--project", 0, "--block", 2,
+                 "--repeats", 1, "--params", "last:1", "--out", tmp_path], capsys)  # fmt: skip
+    res = json.loads((tmp_path / "bench_attribute.json").read_text())
+    assert res["backward_passes"] == 2 * 3 + 2 * 2
+    assert res["ratio_to_floor"] == pytest.approx(res["total_s"] / (10 * res["single_gradient_s"]), rel=1e-12)
+    printed = float(re.search(r"\(a\)\) = ([\d.]+)", out).group(1))
+    assert printed == pytest.approx(res["ratio_to_floor"], abs=0.006)
+
+
 def test_bench_train_on_tiny_model(tiny_dir, tmp_path, capsys):
     require("torch")
     require("transformers")

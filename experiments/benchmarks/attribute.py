@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of timing: peak resident memory of the whole run for each N, each in a fresh "
                              "process (e.g. 64,128,256,512)")  # fmt: skip
     parser.add_argument("--model", default=None, metavar="PATH", help="model (default SmolLM2-135M-Instruct)")
+    parser.add_argument("--out", default=None, help="write bench_attribute.json here")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -172,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'N':>6} {'peak GiB':>9} {'seconds':>9}")
         for r in rows:
             print(f"{r['N']:>6} {r['peak_rss_bytes'] / 2**30:>9.2f} {r['seconds']:>9.1f}")
+        _write(args, {"memory": rows, "n_eval": args.eval, "params": args.params, "project": args.project})
         return 0
     from experiments.cli.inputs import load_model
 
@@ -185,4 +187,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  (a) one single-sequence gradient:  {r['single_gradient_s']:.3f} s")
     print(f"  (b) contribution matrix, total:    {r['total_s']:.1f} s over {r['backward_passes']} sequences")
     print(f"  ratio (b) / ({r['backward_passes']} × (a)) = {r['ratio_to_floor']:.2f}")
+    _write(args, r)
     return 0
+
+
+def _write(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    if args.out:
+        from dynamics.outputs import write_json_atomic
+
+        print(f"wrote {write_json_atomic(f'{args.out}/bench_attribute.json', data)}")
