@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamics.attribution.contributions import eval_values, pair_features
+from dynamics.attribution.contributions import eval_values
 from dynamics.attribution.evalset import EvalSet
 from dynamics.attribution.gradients import gradient_features
 from dynamics.attribution.trajectory import training_batches
@@ -271,13 +271,24 @@ def _rewards(rm: Any, params: Any, batch: Any, chunk: int = 16) -> np.ndarray:
     return np.concatenate(out).astype(np.float64)
 
 
-def _pair_gradients(features, train: PreferenceBatch, rows: np.ndarray, block: int) -> jax.Array:
-    """∇m_j = ∇r(x_j, y_j+) − ∇r(x_j, y_j−) for the pairs `rows`, [len(rows), P]."""
-    parts = []
-    for idx, keep in chunks(len(rows), block):
-        part = strip(train.select(rows[idx[:keep]]))
-        parts.append(features(part.chosen) - features(part.rejected))
-    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+def _difference_blocks(features, plus, minus, block: int):
+    """Yields (row indices, features(plus) − features(minus) of those rows as a numpy [k, P] block); `minus` None:
+    features(plus) alone. Rows `block` at a time, so that only a few blocks are alive at once."""
+    for idx, keep in chunks(plus.batch_size, block):
+        part = features(strip(plus.select(idx[:keep])))
+        if minus is not None:
+            part = part - features(strip(minus.select(idx[:keep])))
+        yield idx[:keep], np.asarray(part)
+
+
+def _difference_rows(features, plus, minus, block: int) -> np.ndarray:
+    """All rows of `_difference_blocks` in one preallocated [n, P] array (no concatenation copy)."""
+    out = None
+    for idx, part in _difference_blocks(features, plus, minus, block):
+        if out is None:
+            out = np.empty((plus.batch_size, part.shape[1]), part.dtype)
+        out[idx] = part
+    return out
 
 
 def _adam_state(opt_state: Any) -> Any:
@@ -293,9 +304,8 @@ def _interval(run: RunModel, tree, opt_state, batches: list[np.ndarray], train, 
     config, rm = run.config, run.rm
     params = run.params_at(tree)
     features = features_of(tree)
-    eval_feats = pair_features(features, evalset)
+    eval_feats = _difference_rows(features, evalset.chosen, evalset.rejected, block)  # ∇q_i, [M, P]
     rows = np.unique(np.concatenate(batches))
-    grads = _pair_gradients(features, train, rows, block)
     sub = strip(train.select(rows))
     r_plus, r_minus = _rewards(rm, params, sub.chosen), _rewards(rm, params, sub.rejected)
     if reference_is_policy(rm, params):
@@ -305,27 +315,31 @@ def _interval(run: RunModel, tree, opt_state, batches: list[np.ndarray], train, 
     other = np.zeros(evalset.size)
     lr = config.lr
     if config.optimizer == "sgd":
-        inner = np.asarray(eval_feats @ grads.T, np.float64)  # [M, |rows|]
+        inner = np.zeros((evalset.size, len(rows)))  # ⟨∇q_i, ∇m_j⟩, the pair gradients streamed block by block
+        for idx, part in _difference_blocks(features, sub.chosen, sub.rejected, block):
+            inner[:, idx] = eval_feats @ part.T
         for b in batches:
             pos = np.searchsorted(rows, b)
             np.add.at(delta, (slice(None), b), inner[:, pos] * (w[pos] * lr / len(b)))
         return delta, other
+    grads = _difference_rows(features, sub.chosen, sub.rejected, block)  # ∇m_j, [|rows|, P]
     adam = _adam_state(opt_state)
-    mu, nu, count = _flat(adam.mu), _flat(adam.nu), int(adam.count)
-    dtype = mu.dtype
-    theta = _flat(_without_ref(tree))
+    mu, nu, count = (np.asarray(x) for x in (_flat(adam.mu), _flat(adam.nu), adam.count))
+    count, dtype = int(count), mu.dtype
+    theta = np.asarray(_flat(_without_ref(tree)))
     for b in batches:
         pos = np.searchsorted(rows, b)
-        wb = jnp.asarray(w[pos] / len(b), dtype)
+        wb = (w[pos] / len(b)).astype(dtype)
         g = -(wb @ grads[pos])
         count += 1
         c1, c2 = 1 - config.b1**count, 1 - config.b2**count
         mu_prev, mu = mu, config.b1 * mu + (1 - config.b1) * g
         nu = config.b2 * nu + (1 - config.b2) * g * g
-        d = 1.0 / (jnp.sqrt(nu / c2) + config.eps)
-        per_pair = np.asarray(eval_feats @ (grads[pos] * d[None, :]).T, np.float64)  # ⟨∇q_i ⊙ D, ∇m_j⟩
-        np.add.at(delta, (slice(None), b), per_pair * (np.asarray(wb, np.float64) * lr * (1 - config.b1) / c1))
-        other += -lr * config.b1 / c1 * np.asarray(eval_feats @ (d * mu_prev), np.float64)
+        d = (1.0 / (np.sqrt(nu / c2) + config.eps)).astype(dtype)
+        scaled = eval_feats * d[None, :]  # ∇q_i ⊙ D_s, [M, P]
+        per_pair = np.asarray(scaled @ grads[pos].T, np.float64)  # ⟨∇q_i ⊙ D_s, ∇m_j⟩
+        np.add.at(delta, (slice(None), b), per_pair * (wb.astype(np.float64) * lr * (1 - config.b1) / c1))
+        other += -lr * config.b1 / c1 * np.asarray(scaled @ mu_prev, np.float64)
         if config.optimizer == "adamw" and config.weight_decay:
             other += -lr * config.weight_decay * np.asarray(eval_feats @ theta, np.float64)
     return delta, other
@@ -353,11 +367,13 @@ def _check_budget(run: RunModel, evalset: EvalSet, steps, batches, block: int, b
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(run.train_tree))
     itemsize = jnp.dtype(jax.tree.leaves(run.train_tree)[0].dtype).itemsize
     widths = [len(np.unique(np.concatenate(batches[a:b]))) for a, b in zip(steps, steps[1:], strict=False)]
-    need = (evalset.size + max(widths) + 2 * block) * n_params * itemsize
+    held = evalset.size + 3 * block + (evalset.size + max(widths) if run.config.optimizer != "sgd" else 0)
+    need = held * n_params * itemsize
     if need > budget_gb * 2**30:
         raise ConfigError(
             f"attribution along {run.run_dir} would hold {need / 2**30:.1f} GiB of per-sequence gradients "
-            f"({evalset.size} eval items + {max(widths)} training pairs of {n_params:,} parameters), over the "
+            f"({held} rows of {n_params:,} parameters: the eval items, 3 blocks, with Adam also ∇q ⊙ D and the "
+            f"{max(widths)} training pairs of an interval), over the "
             f"{budget_gb:g} GiB budget: fewer eval items, checkpoints more often, or a larger budget"
         )
     per_eval = 2 if evalset.rejected is not None else 1
@@ -413,8 +429,9 @@ def attribute_run(
       evalset: the M eval items q_i (margins or single rewards).
       reward: the reward type the caller expects, or None for the run's own.
       block: rows per backward-pass block.
-      memory_budget_gb: refuse to hold more per-sequence gradients than this (M eval + the pairs of one
-        interval + 2 blocks, each P scalars).
+      memory_budget_gb: refuse to hold more per-sequence gradients than this (each P scalars: the M eval
+        gradients and 3 blocks; with Adam also M preconditioned copies and the pairs of one interval, which SGD
+        streams block by block).
       require_all: refuse a run whose checkpoints were not all kept (else attribute over the longer intervals).
       progress: a progress bar over the per-sequence backward passes.
 
