@@ -128,6 +128,20 @@ def _token_table(res: Mapping[str, Any], token_text: Callable[[int], str]) -> st
     return "".join(parts)
 
 
+def _run_section(run: Mapping[str, Any]) -> str:
+    traj = run["trajectory"]
+    meta = run["run"]["meta"]
+    parting = traj.get("skipped") or (
+        f"first checkpoint where the linearised trajectory is off by more than {traj['tolerance']:g} of the largest "
+        f"actual change: {traj['parting_step'] if traj['parting_step'] is not None else 'none (it never parts)'}"
+    )
+    return (
+        f"<h2>Along the run {_e(meta.get('run_dir', ''))} ({_e(run['reward'])})</h2><p>Predicted total change "
+        f"(the per-step contributions summed over {len(run['run']['checkpoint_steps'])} checkpoints) against the "
+        f"actual change of each eval item: Pearson {_num(run['run']['pearson'])}. {_e(parting)}.</p>"
+    )
+
+
 def write_report(
     path: str | os.PathLike[str],
     data: Mapping[str, Any],
@@ -158,6 +172,8 @@ def write_report(
         _statistics_table(results),
     ]
     body += [_image(p, c) for p, c in images]
+    if data.get("run"):
+        body.append(_run_section(data["run"]))
     if any(res.get("token_views") for res in results.values()):
         body.append("<h2>IM-RM token pairs of the largest contributions (unembedding closed form)</h2>")
         for res in results.values():

@@ -100,3 +100,42 @@ def test_attribute_output_params_against_numpy(tiny_dir, tmp_path, capsys):
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "Yes, it is blue" in page
     assert not re.search(r'"/(home|tmp|work|root|Users)/', (out / "attribution.json").read_text())
+
+
+def test_attribute_along_a_run(tiny_dir, tmp_path, capsys):
+    """--run: an EX-RM whose head alone trains (SGD) is linear in its parameters, so the along-run prediction is
+    the actual change and the linearised trajectory never parts; a run of another reward type is refused."""
+    from dynamics.loading import load
+    from dynamics.training import TrainConfig, train
+    from experiments.studies import one_step
+
+    loaded = load(str(tiny_dir))
+    train_file, eval_file = _write(tmp_path / "t.jsonl", TRAIN), _write(tmp_path / "e.jsonl", EVAL)
+    data = one_step.encode_triples(loaded, [type("R", (), {"prompt": p, "chosen": c, "rejected": r})() for p, c, r in TRAIN])
+    config = TrainConfig(reward="ex", params="head", optimizer="sgd", lr=2.0, epochs=2, batch_size=2,
+                         micro_batch_size=2, checkpoint_every_steps=1, keep_checkpoints=100, eval_at_start=False)  # fmt: skip
+    run_dir = tmp_path / "run"
+    train(config, loaded.lm, loaded.params, data, None, run_dir=run_dir, progress=False)
+    out = tmp_path / "out"
+    argv = ["attribute", "--model", tiny_dir, "--train", train_file, "--eval", eval_file, "--reward", "ex",
+            "--params", "head", "--run", run_dir, "--out", out]  # fmt: skip
+    assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    run = json.loads((out / "attribution.json").read_text())["run"]
+    pred, actual = np.asarray(run["run"]["predicted_change"]), np.asarray(run["run"]["actual_change"])
+    assert np.abs(actual).max() > 1e-3
+    np.testing.assert_allclose(pred, actual, rtol=1e-3, atol=1e-3 * np.abs(actual).max())
+    assert run["run"]["checkpoint_steps"] == [0, 1, 2, 3, 4]
+    traj = run["trajectory"]
+    assert traj["parting_step"] is None and traj["actual_steps"] == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(np.asarray(traj["predicted"]), np.asarray(traj["actual"]), rtol=1e-3,
+                               atol=1e-3 * np.abs(actual).max())  # fmt: skip
+    assert not re.search(r'"/(home|tmp|work|root|Users)/', (out / "attribution.json").read_text())
+    assert (out / "attribution_trajectory.png").exists() and "Along the run" in (out / "report.html").read_text()
+    argv[argv.index("ex")] = "im"
+    argv[argv.index("head")] = "all"
+    assert cli.main([str(a) for a in argv]) == 2
+    assert f"--run {run_dir} was trained with reward ex, not im" in capsys.readouterr().err
+    argv[argv.index("im")] = "ex"
+    argv[argv.index(train_file)] = _write(tmp_path / "t2.jsonl", TRAIN[:2])
+    assert cli.main([str(a) for a in argv]) == 2
+    assert "the training pairs differ from the run's" in capsys.readouterr().err

@@ -12,6 +12,8 @@ Modules (one idea each):
     overlap        token overlap, the indicator term and hidden similarity; their rank statistics (§10.5)
     tokens         the IM-RM token-pair view of one C_ij (§10.6)
     analysis       attribute(): all of the above for one reward type
+    along_run      attribution along a trained run's checkpoints, TracIn-style, SGD and Adam (§10.3)
+    trajectory     the linearised multi-step trajectory from the kernels at θ_0 (§10.4)
 
 Importing this package does not import JAX: every name but those of `evalset` loads on first use (PEP 562).
 """
@@ -35,6 +37,17 @@ _LAZY = {
     "overlap_statistics": "overlap",
     "TokenPairView": "tokens",
     "token_pairs": "tokens",
+    "projected_features": "projected",
+    "projection_plan": "projected",
+    "Kernels": "trajectory",
+    "Trajectory": "trajectory",
+    "linearised_kernels": "trajectory",
+    "linearised_trajectory": "trajectory",
+    "parting_step": "trajectory",
+    "training_batches": "trajectory",
+    "RunAttribution": "along_run",
+    "attribute_run": "along_run",
+    "load_run_model": "along_run",
 }
 
 __all__ = [
@@ -42,15 +55,26 @@ __all__ = [
     "Contributions",
     "EvalItems",
     "EvalSet",
+    "Kernels",
     "OverlapScores",
+    "RunAttribution",
     "TokenPairView",
+    "Trajectory",
     "attribute",
+    "attribute_run",
     "contribution_matrix",
     "eval_values",
+    "linearised_kernels",
+    "linearised_trajectory",
     "load_eval_items",
+    "load_run_model",
     "overlap_scores",
     "overlap_statistics",
+    "parting_step",
+    "projected_features",
+    "projection_plan",
     "token_pairs",
+    "training_batches",
 ]
 
 

@@ -12,6 +12,7 @@ report.html (one self-contained page to open in a browser).
 Examples:
   rmdyn attribute --train prefs.jsonl --eval eval_pairs.jsonl --params last:2 --out runs/attr
   rmdyn attribute --train prefs.jsonl --eval eval_pairs.jsonl --params all --project 2048 --reward im
+  rmdyn attribute --train prefs.jsonl --eval eval_pairs.jsonl --run runs/my_run    # along a trained run
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = ["register", "run"]
 
 OUT_FILES = (
     "attribution.json", "report.html", "attribution_heatmap.png", "attribution_overlap.png", "attribution_tokens.png",
+    "attribution_run.png", "attribution_trajectory.png",
 )  # fmt: skip
 
 
@@ -49,6 +51,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--reward", choices=arguments.REWARD_CHOICES, default="both", help="reward type(s) (default both)")
     parser.add_argument("--params", default="all", metavar="SPEC",
                         help=f"trainable parameters: {arguments.PARAMS_HELP} (default all)")  # fmt: skip
+    parser.add_argument("--run", metavar="DIR", default=None,
+                        help="a run directory of rmdyn's trainer (checkpoints kept) on the --train pairs: the "
+                             "predicted total change along it beside the actual one, and the linearised trajectory")  # fmt: skip
+    parser.add_argument("--tolerance", type=float, default=0.1,
+                        help="--run: the linearised trajectory parts from the run where its error exceeds this "
+                             "fraction of the largest actual change (default 0.1)")  # fmt: skip
     parser.add_argument("--project", type=int, default=None, metavar="K",
                         help="random projections of the gradients to K dimensions (default: exact)")  # fmt: skip
     parser.add_argument("--projection-seed", type=int, default=0, help="seed of the projection (default 0)")
@@ -88,8 +96,30 @@ def _check_options(args: argparse.Namespace) -> tuple[list[str], str]:
     from experiments.cli.preflight import check_input_file
 
     check_input_file(args.eval, "--eval")
+    if args.run is not None:
+        arguments.check_positive(args.tolerance, "--tolerance")
+        _check_run_record(args.run, args.reward)
     arguments.check_inputs(args, *OUT_FILES)
     return kinds, spec
+
+
+def _check_run_record(run: str, reward: str) -> None:
+    """--run names a trainer's run directory whose reward type is the one asked for (pure Python, before JAX)."""
+    import json
+
+    from dynamics.errors import ConfigError
+
+    record = Path(run) / "config.json"
+    if not record.is_file():
+        raise ConfigError(f"--run {run}: not a run directory of rmdyn's trainer (no config.json)")
+    try:
+        kind = (json.loads(record.read_text(encoding="utf-8")).get("reward_model") or {}).get("kind")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ConfigError(f"--run {run}: unreadable {record} ({err})") from None
+    if kind not in ("ex", "im"):
+        raise ConfigError(f"--run {run}: a run of reward {kind!r} ({record}); attribution needs an EX-RM or IM-RM run")
+    if reward != "both" and kind != reward:
+        raise ConfigError(f"--run {run} was trained with reward {kind}, not {reward} ({record})")
 
 
 def _read_inputs(args: argparse.Namespace) -> tuple[list[Any], Any]:
@@ -143,6 +173,36 @@ def _figures(out: Path, results: dict[str, Any], loaded: Any) -> list[tuple[Path
     return images
 
 
+def _run(args: argparse.Namespace, loaded: Any, train: Any, evalset: Any) -> dict[str, Any]:
+    """The --run analysis (experiments.studies.attribution_run), printed in one line."""
+    from dynamics.outputs import jsonable, portable_path
+    from experiments.studies.attribution_run import run_analysis
+
+    reward = None if args.reward == "both" else args.reward
+    res = run_analysis(args.run, loaded, train, evalset, reward=reward, block=args.block,
+                       memory_budget_gb=args.memory_budget, tolerance=args.tolerance)  # fmt: skip
+    res["run"]["meta"] = {**res["run"]["meta"], "run_dir": portable_path(args.run, args.out)}
+    traj = res["trajectory"]
+    parted = traj.get("skipped") or f"linearised trajectory parts at step {traj['parting_step']}"
+    print(f"  along the run ({res['reward']}): Pearson(predicted, actual) = {res['run']['pearson']}; {parted}")
+    return jsonable(res)
+
+
+def _run_figures(out: Path, run: dict[str, Any] | None) -> list[tuple[Path, str]]:
+    if run is None:
+        return []
+    from figures.attribution import predicted_vs_actual, trajectory_curves
+
+    label = run["reward"]
+    images = [(predicted_vs_actual({label: (run["run"]["predicted_change"], run["run"]["actual_change"])},
+                                   out / "attribution_run.png")[0],
+               "along the run: predicted total change (sum over checkpoints) against the actual change")]  # fmt: skip
+    if "skipped" not in run["trajectory"]:
+        png, _ = trajectory_curves({label: run["trajectory"]}, out / "attribution_trajectory.png")
+        images.append((png, "the linearised trajectory from the kernels at θ_0 (dashed) against the run (solid)"))
+    return images
+
+
 def _token_text(loaded: Any):
     def text(token_id: int) -> str:
         return loaded.tokenizer.decode([int(token_id)])
@@ -168,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
         f"attribution of {len(items)} eval {items.kind} to {len(rows)} training pairs; params {spec}, {mode}, "
         f"η = {args.lr:g}; model {loaded.name} (loaded in {time.perf_counter() - t0:.1f} s)"
     )
+    if args.run is not None:  # another model, other training pairs or other initial weights: refused now
+        from dynamics.attribution.along_run import load_run_model
+
+        load_run_model(args.run, loaded.lm, loaded.params, train, reward=None if args.reward == "both" else args.reward)
     models = {kind: one_step.reward_model(kind, loaded, beta=args.beta, seed=args.seed) for kind in kinds}
     for rm, params in models.values():  # --params against the loaded model before any computing
         arguments.check_params_on_model(rm, params, spec)
@@ -201,8 +265,10 @@ def run(args: argparse.Namespace) -> int:
         },
         "results": results,
     }  # fmt: skip
+    if args.run is not None:
+        data["run"] = _run(args, loaded, train, evalset)
     js = write_json_atomic(out / "attribution.json", data)
-    images = _figures(out, results, loaded)
+    images = _figures(out, results, loaded) + _run_figures(out, data.get("run"))
     html = write_report(out / "report.html", data, images, _token_text(loaded))
     print(f"wrote {js}, {html} and {len(images)} figures")
     return 0
