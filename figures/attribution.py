@@ -99,7 +99,7 @@ def token_pair_bars(
     """
     data = {}
     with house_style():
-        fig, axes = new_figure(max(1, len(views)), panel_size=(3.8, 3.4))
+        fig, axes = new_figure(max(1, len(views)), panel_size=(4.8, 3.4))
         for ax, (key, view) in zip(axes, views.items(), strict=False):
             top = view["top"]
             labels = [f"ȳ{_sign(t['a'])}[{t['k']}] {token_text(t['eval_token'])!r} · "
@@ -113,8 +113,8 @@ def token_pair_bars(
             ax.set_yticks(y, labels, fontsize=6)
             ax.axvline(0, color="0.3", lw=0.8)
             share = view["indicator_share"]
-            whole = "" if entries is None or key not in entries else f"C[{key}] = {entries[key]:.3g}, "
-            ax.set_title(f"{whole}C^W = {view['total']:.3g}\nidentical-token share {share:.2f}", fontsize=8)
+            whole = "" if entries is None or key not in entries else f"C[{key}] = {entries[key]:.3g}\n"
+            ax.set_title(f"{whole}through W: {view['total']:.3g}, identical tokens: {share:.2f} of it", fontsize=8)
             data[key] = {"labels": labels, "values": values, "indicator_share": share}
         fig.suptitle(title)
         return save_figure(fig, png, data)
