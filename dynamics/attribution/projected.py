@@ -1,4 +1,5 @@
-"""Random projections Φg of per-sequence reward gradients, Kronecker-factored per weight matrix (docs/math.md §10.2).
+"""Random projections Φg of per-sequence reward gradients: one TensorSketch of the whole gradient (the default,
+`method="sketch"`) or Kronecker-factored per weight matrix (`method="kronecker"`) (docs/math.md §10.2).
 
 Exact attribution (`dynamics.attribution.gradients`) keeps one gradient g = ∇r(x, y) of P scalars per sequence;
 projected mode keeps k_total numbers Φg instead, with one fixed random Φ (drawn from `seed`) for every sequence,
@@ -6,8 +7,19 @@ so that the features of eval and training sequences are comparable and
 
     E_Φ[⟨Φg, Φg'⟩] = ⟨g, g'⟩     exactly (an unbiased estimate of every inner product A_ij of §10.1).
 
-Φ is block-diagonal over groups of trainable leaves; the feature vector is the groups' blocks concatenated in
-`ProjectionPlan.groups` order (each block row-major):
+Both methods use the same groups of trainable leaves (`projection_plan`: Einsum weights as [C, O], 2-D tables, one
+vector group) and the same interceptor, which adds a zero "adapter" to every trainable Einsum's output so that the
+backward pass yields the projection of G = Σ_t a_t g_tᵀ without forming G.
+
+Sketch (default; `dynamics.attribution.sketch`, whose docstring has the proof of unbiasedness): all groups add
+into ONE k-vector, k_total = k; coordinate (c, o) of a group goes to bucket (h1(c) + h2(o)) mod k with sign
+s1(c) s2(o) (hashes and signs independent per group). An Einsum's sketch Σ_t conv(CS1 a_t, CS2 g_t) is ∂r/∂S of
+the adapter y_t += CS2ᵀ corr(S, CS1 a_t), S ∈ R^k shared by all layers; tables and the vector group are
+differentiated exactly and sketched by the same rule. The variance of ⟨Φg, Φg'⟩ is O(1/k) over the whole k.
+
+Kronecker (LoGra; its variance for a rank-one G is ≈ 1/k_in + 1/k_out = 2/√b per group, b = k/G, far above the
+sketch's 1/k): Φ is block-diagonal over groups of trainable leaves; the feature vector is the groups' blocks
+concatenated in `ProjectionPlan.groups` order (each block row-major):
 
 - a weight matrix W viewed as [C, O] (an `Einsum` weight: its first n axes, those the layer contracts, are C; a 2-D
   table: embed/embedding or lm_head/w as stored) gets the Kronecker (LoGra) projection
@@ -51,6 +63,7 @@ import numpy as np
 from flax import linen as nn
 
 from dynamics.attribution.gradients import Features, policy_reward
+from dynamics.attribution.sketch import SketchPlan, adapter_term, draw_hashes, matrix_sketch
 from dynamics.batches import PairBatch
 from dynamics.chunking import batch_chunks
 from dynamics.errors import ModelError
@@ -67,6 +80,7 @@ __all__ = [
     "projected_features",
     "projected_rows",
     "projection_plan",
+    "sketch_plan",
 ]
 
 #: The name of the group of all non-matrix trainable leaves (projected densely together).
@@ -258,25 +272,26 @@ def _core_term(x, y, core, p_in, p_out):
     return jnp.reshape(((x2 @ p_in) @ core) @ p_out.T, y.shape).astype(y.dtype)
 
 
-def _intercepted_reward(rm, plan: ProjectionPlan, projections, fixed, row: PairBatch):
-    """(cores, rest) ↦ r(x, y) of one row, with every trainable Einsum's core added to its output."""
+def _intercepted_reward(rm, term, paths: frozenset[str], fixed, row: PairBatch):
+    """(adapters, rest) ↦ r(x, y) of one row, with term(path, x, y, adapters) added to every trainable Einsum's
+    output (`paths`): the Kronecker cores or the shared sketch vector."""
 
-    def reward(cores, rest):
+    def reward(adapters, rest):
         calls: Counter = Counter()
 
-        def add_core(next_fun, args, kwargs, context):
+        def add_term(next_fun, args, kwargs, context):
             y = next_fun(*args, **kwargs)
             if not _is_einsum_call(context):
                 return y
             path = _site_path(context.module)
-            if path not in cores:
+            if path not in paths:
                 return y
             calls[path] += 1
-            return y + _core_term(args[0], y, cores[path], *projections[path])
+            return y + term(path, args[0], y, adapters)
 
-        with nn.intercept_methods(add_core):
+        with nn.intercept_methods(add_term):
             r = policy_reward(rm, combine(rest, fixed), row)[0]
-        wrong = {p: calls[p] for p in cores if calls[p] != 1}
+        wrong = {p: calls[p] for p in paths if calls[p] != 1}
         if wrong:
             raise ModelError(f"projected attribution: trainable Einsum layers called other than once per forward "
                              f"pass: {wrong}")  # fmt: skip
@@ -290,7 +305,9 @@ def _row_features(rm, plan: ProjectionPlan, projections, rest, fixed, tokens, at
     dtype = projections[plan.groups[0].path][0].dtype
     cores = {g.path: jnp.zeros((g.k_in, g.k_out), dtype) for g in plan.groups if g.kind == "einsum"}
     row = PairBatch(tokens[None], attention[None], response[None])
-    g_cores, g_rest = jax.grad(_intercepted_reward(rm, plan, projections, fixed, row), argnums=(0, 1))(cores, rest)
+    term = lambda path, x, y, c: _core_term(x, y, c[path], *projections[path])
+    reward = _intercepted_reward(rm, term, plan.einsum_paths(), fixed, row)
+    g_cores, g_rest = jax.grad(reward, argnums=(0, 1))(cores, rest)
     exact = dict(zip(leaf_paths(g_rest), jax.tree.leaves(g_rest), strict=True))
     out = []
     for g in plan.groups:
@@ -306,21 +323,49 @@ def _row_features(rm, plan: ProjectionPlan, projections, rest, fixed, tokens, at
     return jnp.concatenate(out)
 
 
-def projected_rows(rm: RewardModel, plan: ProjectionPlan, projections, rest, fixed, batch: PairBatch) -> jax.Array:
+def _sketch_row_features(rm, plan: SketchPlan, hashes, rest, fixed, tokens, attention, response) -> jax.Array:
+    """The TensorSketch Φ∇r(x, y) of one row, [k]: one backward pass for the shared vector S and the other leaves."""
+    dtype = hashes[plan.groups[0].path][1].dtype
+    k = plan.requested
+    row = PairBatch(tokens[None], attention[None], response[None])
+    term = lambda path, x, y, s: adapter_term(x, y, s, hashes[path])
+    reward = _intercepted_reward(rm, term, plan.einsum_paths(), fixed, row)
+    out, g_rest = jax.grad(reward, argnums=(0, 1))(jnp.zeros((k,), dtype), rest)
+    exact = dict(zip(leaf_paths(g_rest), jax.tree.leaves(g_rest), strict=True))
+    for g in plan.groups:
+        if g.kind == "table":
+            out = out + matrix_sketch(exact[g.path].astype(dtype), hashes[g.path], k)
+        elif g.kind == "vector":
+            v = jnp.concatenate([jnp.reshape(exact[p], (-1,)).astype(dtype) for p in g.leaves])
+            out = out + matrix_sketch(v[:, None], hashes[g.path], k)
+    return out
+
+
+def projected_rows(rm: RewardModel, plan, projections, rest, fixed, batch: PairBatch) -> jax.Array:
     """Φ∇r(x_n, y_n) for every row n of `batch`, [n, k_total] (one backward pass per row, `jax.vmap` over rows).
 
     Args:
       rm: the reward model (static under jit).
-      plan: the groups of Φ (static).
-      projections: `draw_projections(plan, ...)`.
+      plan: the groups of Φ (static): a `ProjectionPlan` (Kronecker) or a `SketchPlan` (TensorSketch).
+      projections: `draw_projections(plan, ...)`, or `dynamics.attribution.sketch.draw_hashes(plan, ...)`.
       rest, fixed: the trainable tree without its Einsum weights and the frozen tree with them.
       batch: a stripped `PairBatch` [n, T].
     """
     arrays = (jnp.asarray(batch.tokens), jnp.asarray(batch.attention_mask), jnp.asarray(batch.response_mask))
-    return jax.vmap(lambda *row: _row_features(rm, plan, projections, rest, fixed, *row))(*arrays)
+    one = _sketch_row_features if isinstance(plan, SketchPlan) else _row_features
+    return jax.vmap(lambda *row: one(rm, plan, projections, rest, fixed, *row))(*arrays)
 
 
 _projected_rows_jit = jax.jit(projected_rows, static_argnums=(0, 1))
+
+
+def sketch_plan(rm: RewardModel, train_tree, frozen, k: int) -> SketchPlan:
+    """The groups of the TensorSketch (those of `projection_plan`, whose k_in/k_out it ignores) and k; k_total = k.
+
+    Raises:
+      ModelError: see `projection_plan`.
+    """
+    return SketchPlan(projection_plan(rm, train_tree, frozen, max(int(k), 1)).groups, int(k))
 
 
 def projected_features(
@@ -333,12 +378,12 @@ def projected_features(
     block: int = 8,
     mesh=None,
     progress: Any = None,
-    plan: ProjectionPlan | None = None,
+    plan: ProjectionPlan | SketchPlan | None = None,
+    method: str = "sketch",
 ) -> Features:
     """The projected features: `batch` ↦ [Φ∇r(x_n, y_n)]_n, [n, k_total], `block` rows at a time.
 
-    The same Φ (from `seed`) for every call; E[⟨Φg, Φg'⟩] = ⟨g, g'⟩ over the draw of Φ. k_total (≤ k when k is at
-    least the number of groups) is `projection_plan(rm, train_tree, frozen, k).k_total`; features are in the
+    The same Φ (from `seed`) for every call; E[⟨Φg, Φg'⟩] = ⟨g, g'⟩ over the draw of Φ. Features are in the
     parameters' dtype, in reward units per unit of parameter, like the exact gradients.
 
     Args:
@@ -349,17 +394,29 @@ def projected_features(
       block: rows per compiled backward pass; with a mesh, a multiple of its devices.
       mesh: a `jax.sharding.Mesh`: each block's rows are split over its devices.
       progress: a tqdm-like bar to advance by the number of rows done, or None.
-      plan: `projection_plan(rm, train_tree, frozen, k)` if already made (then `k` is not read again).
+      plan: `sketch_plan(...)` or `projection_plan(...)` (matching `method`) if already made (then `k` is not read
+        again).
+      method: "sketch" (default: one TensorSketch of width k_total = k over all groups,
+        `dynamics.attribution.sketch`) or "kronecker" (LoGra P_inᵀ G P_out per matrix, k split over the groups,
+        k_total ≤ k: `projection_plan`).
 
     Returns:
-      The features map; its attribute `plan` is the `ProjectionPlan` used (`plan.k_total` the feature width).
+      The features map; its attribute `plan` is the plan used (`plan.k_total` the feature width).
 
     Raises:
       ModelError: see `projection_plan`.
+      ValueError: an unknown `method`, or a `plan` of the other method.
     """
-    plan = projection_plan(rm, train_tree, frozen, k) if plan is None else plan
+    kinds = {"sketch": (SketchPlan, sketch_plan), "kronecker": (ProjectionPlan, projection_plan)}
+    if method not in kinds:
+        raise ValueError(f"projected attribution: method {method!r} is not one of {sorted(kinds)}")
+    plan_type, make = kinds[method]
+    plan = make(rm, train_tree, frozen, k) if plan is None else plan
+    if not isinstance(plan, plan_type):
+        raise ValueError(f"projected attribution: method {method!r} needs a {plan_type.__name__}, not {plan!r}")
     dtype = jax.tree.leaves(train_tree)[0].dtype
-    projections = draw_projections(plan, seed, dtype)
+    draw = draw_hashes if method == "sketch" else draw_projections
+    projections = draw(plan, seed, dtype)
     rest, fixed = _split_trainable(train_tree, frozen, plan.einsum_paths())
 
     def features(batch: PairBatch) -> jax.Array:

@@ -1,10 +1,11 @@
 """Projected against exact attribution on a real model (docs/math.md §10.1, §10.2): rank agreement and time.
 
 On N training pairs and M eval pairs (the Persona rows of `experiments.benchmarks.attribute.bench_rows`), the
-contribution matrix C [M, N] is computed exactly and projected at each k of `ks` (one seed each). Reported per k:
-the Spearman and Pearson correlations over all M·N entries (i, j) of projected against exact C, the feature width
-k_total actually used, and the warm wall time of each `contribution_matrix` call (its block programs compiled
-first on one block of each set; the warm-up time is reported apart).
+contribution matrix C [M, N] is computed exactly and projected at each k of `ks` (one seed each) with
+`contribution_matrix(mode="projected")`, i.e. the default TensorSketch of `dynamics.attribution.projected`.
+Reported per k: the Spearman and Pearson correlations over all M·N entries (i, j) of projected against exact C,
+the feature width k_total actually used (k for the sketch), and the warm wall time of each `contribution_matrix`
+call (its block programs compiled first on one block of each set; the warm-up time is reported apart).
 
     python -m experiments.benchmarks.attribution_projection --reward im --params last:2
 
@@ -60,7 +61,7 @@ def compare_projection(
     from scipy.stats import pearsonr, spearmanr
 
     from dynamics.attribution import EvalSet, contribution_matrix
-    from dynamics.attribution.projected import projection_plan
+    from dynamics.attribution.projected import sketch_plan
     from dynamics.masks import partition, prepare, trainable_mask
     from experiments.benchmarks.attribute import bench_rows
     from experiments.studies import one_step
@@ -86,7 +87,7 @@ def compare_projection(
         proj, warm, total = run(mode="projected", project=int(k), seed=seed, **base)
         a, b = proj.contribution.ravel(), exact.contribution.ravel()
         rows.append({
-            "k": int(k), "k_total": projection_plan(prm, tree, frozen, int(k)).k_total,
+            "k": int(k), "k_total": sketch_plan(prm, tree, frozen, int(k)).k_total, "method": "sketch",
             "spearman": float(spearmanr(a, b).statistic), "pearson": float(pearsonr(a, b).statistic),
             "time_s": total, "warm_up_s": warm, "speedup": exact_s / total,
         })  # fmt: skip
