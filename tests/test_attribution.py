@@ -28,7 +28,7 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize("kind", ["ex", "im"])
-@pytest.mark.parametrize("spec", ["all", "last:1", "output"])
+@pytest.mark.parametrize("spec", ["all", pytest.param("last:1", marks=pytest.mark.slow), "output"])
 def test_exact_c_equals_delta_engine_kernel_terms(x64, kind, spec):
     """C_uj = η w_j (K(u,y_j+) − K(u,y_j−)) with K from the Δr engine's JVPs, and mean_j C_uj = Δr(u)."""
     lm, params, train, unseen = _setup("llama", True, 3, side="left")
@@ -43,7 +43,7 @@ def test_exact_c_equals_delta_engine_kernel_terms(x64, kind, spec):
     np.testing.assert_allclose(c.eval_value, d.reward_before, rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("kind", ["ex", "im"])
+@pytest.mark.parametrize("kind", [pytest.param("ex", marks=pytest.mark.slow), "im"])
 def test_pair_margins_against_autodiff(x64, kind):
     """Eval pairs: A_ij = ⟨∇m_i, ∇m_j⟩ from jax.grad of the full rewards (reference included), raveled by hand."""
     lm, params, train, _ = _setup("gpt_neox", False, 2, seed=3)
