@@ -78,8 +78,8 @@ def _explicit_projection(rm, train_tree, frozen, plan, projections, batch: PairB
 
 @pytest.mark.parametrize(
     "kind,spec,family,tied",
-    [("ex", "all", "llama", True), ("im", "last:1", "llama", True), ("im", "all", "gpt_neox", False),
-     ("ex-mean", "last:1", "gpt_neox", False)],
+    [("ex", "all", "llama", True), pytest.param("im", "last:1", "llama", True, marks=pytest.mark.slow),
+     ("im", "all", "gpt_neox", False), pytest.param("ex-mean", "last:1", "gpt_neox", False, marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_core_gradient_is_the_projection_of_the_exact_gradient(x64, kind, spec, family, tied):
     rm, _, train_tree, frozen, _, unseen = _trees(kind, spec, family, tied)
@@ -138,7 +138,7 @@ def test_interceptor_refuses_what_it_cannot_project(x64):
         projection_plan(rm, extra, extra_frozen, 32)
 
 
-@pytest.mark.parametrize("method", ["kronecker", "sketch"])
+@pytest.mark.parametrize("method", [pytest.param("kronecker", marks=pytest.mark.slow), "sketch"])
 @pytest.mark.parametrize("kind", ["ex", "im"])
 @pytest.mark.parametrize("spec", ["all", "last:1"])
 def test_inner_products_are_unbiased(x64, kind, spec, method):
@@ -175,7 +175,7 @@ def test_features_are_deterministic_and_as_wide_as_reported(x64):
     assert np.abs(other - a).max() > 1e-3 * np.abs(a).max()
 
 
-@pytest.mark.parametrize("kind", ["ex", "im"])
+@pytest.mark.parametrize("kind", [pytest.param("ex", marks=pytest.mark.slow), "im"])
 def test_contribution_matrix_projected_approaches_exact(x64, kind):
     """contribution_matrix(mode="projected") (the sketch): the mean squared error of C over seeds falls by far from
     k = 8 to k = 4096 (O(1/k)), and the weights are exact."""
