@@ -44,7 +44,10 @@ def _num(x: float | None) -> str:
 
 def _image(path: Path, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<figure><img alt="{_e(caption)}" src="data:image/png;base64,{data}"><figcaption>{_e(caption)}' "</figcaption></figure>"
+    return (
+        f'<figure><img alt="{_e(caption)}" src="data:image/png;base64,{data}"><figcaption>{_e(caption)}'
+        "</figcaption></figure>"
+    )
 
 
 def _statistics_table(results: Mapping[str, Mapping[str, Any]]) -> str:
@@ -61,7 +64,8 @@ def _statistics_table(results: Mapping[str, Mapping[str, Any]]) -> str:
             f"<tr><th>{_e(label)}</th><td class='num'>{_num(s['mean_rank'])}</td><td class='num'>"
             f"{_num(s['median_rank'])}</td><td class='num'>{_num(s['top1'])}</td><td class='num'>{_num(s['top5'])}"
             f"</td><td class='num'>{_num(s['chance_mean_rank'])}</td></tr>"
-            for label, s in sources.items() if s
+            for label, s in sources.items()
+            if s
         )
         table += (
             "<p>Where each eval item ranks the training pair it derives from (train_row):</p><table><tr><th>reward"
@@ -103,7 +107,8 @@ def _item_section(i: int, item, results, train) -> str:
             "<tr><th>C_ij</th><th>j</th><th>prompt</th><th>chosen</th><th>rejected</th></tr>"
             f"{_pair_rows('up', rank['up'], C, train)}{_pair_rows('down', rank['down'], C, train)}</table></div>"
         )
-    return f'<div class="item"><h3>Eval item {i}</h3><p>{_item_text(item)}</p><div class="cols">{"".join(cols)}</div></div>'
+    columns = "".join(cols)
+    return f'<div class="item"><h3>Eval item {i}</h3><p>{_item_text(item)}</p><div class="cols">{columns}</div></div>'
 
 
 def _token_table(res: Mapping[str, Any], token_text: Callable[[int], str]) -> str:

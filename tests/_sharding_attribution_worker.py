@@ -34,7 +34,11 @@ def main():
     out = {"devices": len(jax.devices())}
     for kind in ("ex", "im"):
         rm = ExplicitRM(lm) if kind == "ex" else ImplicitRM(lm, beta=0.5)
-        p = rm.init(params, seed=1, std=0.3) if kind == "ex" else rm.init(params, jax.tree.map(lambda a: a * 1.05, params))
+        p = (
+            rm.init(params, seed=1, std=0.3)
+            if kind == "ex"
+            else rm.init(params, jax.tree.map(lambda a: a * 1.05, params))
+        )
         one = contribution_matrix(rm, p, train, ev, params_spec="all", lr=0.1, block=8)
         many = contribution_matrix(rm, p, train, ev, params_spec="all", lr=0.1, block=8, mesh=mesh)
         a, b = one.contribution, many.contribution

@@ -60,7 +60,9 @@ def test_attribute_output_params_against_numpy(tiny_dir, tmp_path, capsys):
     dh_train = h[:N] - h[N : 2 * N]
     dh_eval = h[2 * N : 2 * N + M] - h[2 * N + M :]
     w = 1.0 / (1.0 + np.exp(dh_train @ u))
-    np.testing.assert_allclose(res["EX-RM"]["contributions"]["contribution"], lr * w * (dh_eval @ dh_train.T), rtol=1e-4)
+    np.testing.assert_allclose(
+        res["EX-RM"]["contributions"]["contribution"], lr * w * (dh_eval @ dh_train.T), rtol=1e-4
+    )
     # IM-RM, untied W
     W = np.asarray(loaded.params["embed"]["embedding"], np.float64)
     response = np.asarray(encode_pairs(loaded.tokenizer, prompts, responses, max_length=512).response_mask)
@@ -83,7 +85,9 @@ def test_attribute_output_params_against_numpy(tiny_dir, tmp_path, capsys):
     # is relative to the largest entry
     scale = np.abs(expected).max()
     np.testing.assert_allclose(im["contributions"]["contribution"], expected, rtol=1e-3, atol=1e-3 * scale)
-    assert im["contributions"]["meta"]["params"] == "unembed" and res["EX-RM"]["contributions"]["meta"]["params"] == "head"
+    assert (
+        im["contributions"]["meta"]["params"] == "unembed" and res["EX-RM"]["contributions"]["meta"]["params"] == "head"
+    )
     # the token-pair views sum to their entries (Eq. (5) with W alone trained)
     assert im["token_views"]
     for key, view in im["token_views"].items():
@@ -111,9 +115,12 @@ def test_attribute_along_a_run(tiny_dir, tmp_path, capsys):
 
     loaded = load(str(tiny_dir))
     train_file, eval_file = _write(tmp_path / "t.jsonl", TRAIN), _write(tmp_path / "e.jsonl", EVAL)
-    data = one_step.encode_triples(loaded, [type("R", (), {"prompt": p, "chosen": c, "rejected": r})() for p, c, r in TRAIN])
+    data = one_step.encode_triples(
+        loaded, [type("R", (), {"prompt": p, "chosen": c, "rejected": r})() for p, c, r in TRAIN]
+    )
     config = TrainConfig(reward="ex", params="head", optimizer="sgd", lr=2.0, epochs=2, batch_size=2,
-                         micro_batch_size=2, checkpoint_every_steps=1, keep_checkpoints=100, eval_at_start=False)  # fmt: skip
+                         micro_batch_size=2, checkpoint_every_steps=1, keep_checkpoints=100,
+                         eval_at_start=False)  # fmt: skip
     run_dir = tmp_path / "run"
     train(config, loaded.lm, loaded.params, data, None, run_dir=run_dir, progress=False)
     out = tmp_path / "out"

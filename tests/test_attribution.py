@@ -183,7 +183,10 @@ def test_source_ranks_count_larger_entries():
 
 def test_train_row_field(tmp_path):
     f = tmp_path / "e.jsonl"
-    f.write_text('{"prompt": "a", "chosen": "b", "rejected": "c", "train_row": 3}\n{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    f.write_text(
+        '{"prompt": "a", "chosen": "b", "rejected": "c", "train_row": 3}\n'
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+    )
     assert load_eval_items(f).train_rows == (3, None)
     f.write_text('{"prompt": "a", "response": "b", "train_row": -1}\n')
     with pytest.raises(DataError, match="line 1: field 'train_row' must be an integer ≥ 0"):
@@ -204,7 +207,9 @@ def test_bundled_inputs_follow_their_sources():
     texts = persona_texts(load_plan("persona").values)
     assert train == [dict(r) for r in texts.train] and len(evals) == 40
     assert [e["prompt"] for e in evals] == [r["prompt"] for r in texts.test]
-    assert all(e["chosen"].startswith("My response would be ") and e["rejected"].startswith("I lean toward ") for e in evals)
+    assert all(
+        e["chosen"].startswith("My response would be ") and e["rejected"].startswith("I lean toward ") for e in evals
+    )
     train, evals = bundled_inputs("ultrafeedback")
     assert len(train) == len(evals) == 64 and [e["train_row"] for e in evals] == list(range(64))
     para = {}

@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from dynamics.batches import PreferenceBatch
-from dynamics.masks import prepare
-from dynamics.rewards import ImplicitRM, RewardModel
 
 from dynamics.attribution.contributions import Contributions, Mode, contribution_matrix
 from dynamics.attribution.evalset import EvalSet
 from dynamics.attribution.overlap import OverlapScores, overlap_scores, overlap_statistics, sequence_states
 from dynamics.attribution.tokens import TokenPairView, token_pairs
+from dynamics.batches import PreferenceBatch
+from dynamics.masks import prepare
+from dynamics.rewards import ImplicitRM, RewardModel
 
 __all__ = ["Attribution", "attribute", "largest_entries", "source_ranks"]
 

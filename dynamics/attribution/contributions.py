@@ -26,15 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynamics.attribution.evalset import EvalSet
+from dynamics.attribution.gradients import Features, gradient_features, n_backward_passes
 from dynamics.batches import PreferenceBatch
 from dynamics.chunking import chunks, strip
 from dynamics.delta import check_nonempty_responses, reference_is_policy, reward_jit, reward_name
 from dynamics.errors import ConfigError, DataError
 from dynamics.masks import count_selected, partition, prepare, trainable_mask
 from dynamics.rewards import GenerativeRM, RewardModel, bt_weight
-
-from dynamics.attribution.evalset import EvalSet
-from dynamics.attribution.gradients import Features, gradient_features, n_backward_passes
 
 __all__ = ["Contributions", "Mode", "contribution_matrix", "eval_values", "inner_matrix", "pair_features"]
 
@@ -88,10 +87,23 @@ class Contributions:
         return write_json_atomic(path, self.to_dict())
 
 
-def pair_features(features: Features, evalset: EvalSet) -> jax.Array:
-    """∇q_i as features, [M, dim]: ∇r(ȳ_i+) − ∇r(ȳ_i−) for pairs, ∇r(ȳ_i) for single responses."""
-    plus = features(strip(evalset.chosen))
-    return plus if evalset.rejected is None else plus - features(strip(evalset.rejected))
+def pair_features(features: Features, evalset: EvalSet, block: int = 8) -> np.ndarray:
+    """∇q_i as features, [M, dim] (numpy): ∇r(ȳ_i+) − ∇r(ȳ_i−) for pairs, ∇r(ȳ_i) for single responses.
+
+    Filled `block` items at a time into one preallocated array: the peak is M × dim plus one block, never a second
+    copy of the M eval gradients (no list of chunks to concatenate, no separate ȳ+ and ȳ− arrays).
+    """
+    out = None
+    for idx, keep in chunks(evalset.size, block):
+        rows = idx[:keep]
+        f = features(strip(evalset.chosen.select(rows)))
+        if evalset.rejected is not None:
+            f = f - features(strip(evalset.rejected.select(rows)))
+        f = np.asarray(f)
+        if out is None:
+            out = np.empty((evalset.size, f.shape[1]), f.dtype)
+        out[rows] = f
+    return out
 
 
 def eval_values(rm: RewardModel, params, evalset: EvalSet, chunk: int = 16) -> np.ndarray:
@@ -107,12 +119,12 @@ def eval_values(rm: RewardModel, params, evalset: EvalSet, chunk: int = 16) -> n
 def inner_matrix(features: Features, evalset: EvalSet, train: PreferenceBatch, block: int) -> np.ndarray:
     """A_ij = ⟨∇q_i, ∇r(x_j,y_j+) − ∇r(x_j,y_j−)⟩ as features, [M, N] float64: the eval features are kept, the
     training pairs stream through `block` at a time (memory does not grow with N)."""
-    eval_feats = pair_features(features, evalset)
+    eval_feats = pair_features(features, evalset, block)
     inner = np.zeros((evalset.size, train.batch_size), np.float64)
     for idx, keep in chunks(train.batch_size, block):
         part = strip(train.select(idx[:keep]))
-        diff = features(part.chosen) - features(part.rejected)
-        inner[:, idx[:keep]] = np.asarray(eval_feats @ diff.T, np.float64)
+        diff = np.asarray(features(part.chosen) - features(part.rejected))
+        inner[:, idx[:keep]] = eval_feats @ diff.T
     return inner
 
 

@@ -102,4 +102,3 @@ def gradient_features(
 def n_backward_passes(n_train: int, n_eval: int, eval_pairs: bool) -> int:
     """2N + 2M (eval pairs) or 2N + M (single responses): the per-sequence gradients exact attribution needs."""
     return 2 * n_train + (2 if eval_pairs else 1) * n_eval
-

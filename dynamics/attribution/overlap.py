@@ -7,7 +7,7 @@ pair j, with signs s = +1 for a chosen and −1 for a rejected response (a singl
 
     overlap O_ij     = Σ_{a,b} s_a s_b Σ_k Σ_l 1[ȳ^a_k = v^b_l]                    (identical response tokens)
     indicator I_ij   = β² Σ_{a,b} s_a s_b Σ_k Σ_l 1[ȳ^a_k = v^b_l] ⟨h_{ȳ^a<k}, h_{v^b<l}⟩  (Eq. (5)'s indicator term)
-    hidden   H_ij    = ⟨h_{ē+_i} − h_{ē−_i}, h_{y+_j} − h_{y−_j}⟩                     (Eq. (4)'s kernel, whole sequences)
+    hidden   H_ij    = ⟨h_{ē+_i} − h_{ē−_i}, h_{y+_j} − h_{y−_j}⟩         (Eq. (4)'s kernel, whole sequences)
 
 (a ranges over the eval item's responses, b over y_j+ and y_j−; k, l over response tokens, closing tokens
 included). `overlap_statistics` reports the Spearman rank correlation of C with each score, over all (i, j).
@@ -23,11 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dynamics.attribution.evalset import EvalSet
 from dynamics.batches import PairBatch, PreferenceBatch, last_token_index
 from dynamics.chunking import batch_chunks
 from dynamics.models import LM
-
-from dynamics.attribution.evalset import EvalSet
 
 __all__ = ["OverlapScores", "SequenceStates", "overlap_scores", "overlap_statistics", "sequence_states", "spearman"]
 

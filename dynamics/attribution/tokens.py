@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from dynamics.attribution.overlap import SequenceStates
 from dynamics.kernels import DEFAULT_VOCAB_CHUNK, rho_terms_jit
 from dynamics.models import unembedding
-
-from dynamics.attribution.overlap import SequenceStates
 
 __all__ = ["TokenPair", "TokenPairView", "token_pairs"]
 
@@ -126,8 +125,15 @@ def token_pairs(
                 k, l = np.unravel_index(f, values.shape)
                 terms.append(
                     TokenPair(
-                        a_name, b_name, int(k_pos[k]), int(l_pos[l]), int(t_u[k]), int(t_v[l]),
-                        float(rho[k, l]), float(dots[k, l]), float(values[k, l]),
+                        a_name,
+                        b_name,
+                        int(k_pos[k]),
+                        int(l_pos[l]),
+                        int(t_u[k]),
+                        int(t_v[l]),
+                        float(rho[k, l]),
+                        float(dots[k, l]),
+                        float(values[k, l]),
                     )  # fmt: skip
                 )
     terms.sort(key=lambda t: -abs(t.value))

@@ -41,7 +41,7 @@ from dynamics.attribution.contributions import eval_values, pair_features
 from dynamics.attribution.evalset import EvalSet
 from dynamics.attribution.gradients import gradient_features
 from dynamics.batches import PreferenceBatch
-from dynamics.chunking import batch_chunks, chunks, strip
+from dynamics.chunking import batch_chunks
 from dynamics.delta import check_nonempty_responses, reference_is_policy, reward_jit, reward_name
 from dynamics.errors import ConfigError, DataError
 from dynamics.masks import count_selected, partition, prepare, trainable_mask
@@ -249,12 +249,8 @@ def linearised_kernels(
     total = 2 * n + (2 if evalset.rejected is not None else 1) * m
     with tqdm(total=total, desc="per-sequence gradients", unit="seq", disable=not progress, leave=False) as bar:
         features = gradient_features(rm, train_tree, frozen, block=block, progress=bar)
-        eval_feats = pair_features(features, evalset)
-        parts = []
-        for idx, keep in chunks(n, block):
-            part = strip(train.select(idx[:keep]))
-            parts.append(features(part.chosen) - features(part.rejected))
-        diff = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+        eval_feats = pair_features(features, evalset, block)
+        diff = pair_features(features, EvalSet(train.chosen, train.rejected), block)  # ∇m_j, [N, P]
     margin = _rewards(rm, params, train.chosen) - _rewards(rm, params, train.rejected)
     if reference_is_policy(rm, params):
         margin = np.zeros_like(margin)

@@ -61,7 +61,9 @@ def bench_rows(n_train: int, n_eval: int) -> tuple[list[Any], list[Any]]:
     v = load_plan("persona").values
     prompts = [r.prompt for r in load_persona(bundled_data_path("persona/agreeableness.jsonl"))]
     train_combos = list(itertools.product(v["prefixes_yes"], v["words_yes"], v["prefixes_no"], v["words_no"]))
-    eval_combos = list(itertools.product(v["eval_prefixes_yes"], v["eval_words_yes"], v["eval_prefixes_no"], v["eval_words_no"]))
+    eval_combos = list(
+        itertools.product(v["eval_prefixes_yes"], v["eval_words_yes"], v["eval_prefixes_no"], v["eval_words_no"])
+    )
 
     def rows(n: int, combos: list[tuple[str, ...]], offset: int) -> list[Any]:
         out = []
@@ -131,7 +133,10 @@ def peak_memory(args: argparse.Namespace, sizes: list[int]) -> list[dict[str, An
     out = []
     for n in sizes:
         options = {k: v for k, v in vars(args).items() if k != "func"} | {"pairs": n, "memory": None}
-        code = f"import json; from experiments.benchmarks.attribute import _child; _child(json.loads({json.dumps(options)!r}))"
+        code = (
+            "import json; from experiments.benchmarks.attribute import _child; "
+            f"_child(json.loads({json.dumps(options)!r}))"
+        )
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"bench attribute --memory N={n} failed:\n{proc.stderr[-2000:]}")
@@ -150,8 +155,10 @@ def _child(options: dict[str, Any]) -> None:
     loaded = load_model(args)
     rm, params, train, ev = _setup(loaded, args.pairs, args.eval, args.reward)
     t0 = time.perf_counter()
-    contribution_matrix(rm, params, train, ev, params_spec=args.params, mode="exact" if args.project == 0 else "projected",
-                        project=args.project or None, block=args.block)  # fmt: skip
+    mode = "exact" if args.project == 0 else "projected"
+    contribution_matrix(
+        rm, params, train, ev, params_spec=args.params, mode=mode, project=args.project or None, block=args.block
+    )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     print(json.dumps({"N": args.pairs, "peak_rss_bytes": rss, "seconds": time.perf_counter() - t0}))
 

@@ -43,17 +43,19 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--train", metavar="FILE", help="JSONL of training pairs {prompt, chosen, rejected}")
     parser.add_argument("--eval", metavar="FILE",
                         help="JSONL of eval pairs {prompt, chosen, rejected} or responses {prompt, response}; "
-                             "an optional integer field train_row names the training pair an item derives from")  # fmt: skip
+                             "an optional integer field train_row names the training pair it derives from")  # fmt: skip
     parser.add_argument("--bundled", choices=("persona", "ultrafeedback"), default=None,
                         help="instead of --train/--eval: a bundled input set, written to --out as train.jsonl and "
                              "eval.jsonl (persona: 80 agreeableness triples vs the 40 test paraphrase pairs; "
                              "ultrafeedback: 64 pairs vs their paraphrases)")  # fmt: skip
-    parser.add_argument("--reward", choices=arguments.REWARD_CHOICES, default="both", help="reward type(s) (default both)")
+    parser.add_argument(
+        "--reward", choices=arguments.REWARD_CHOICES, default="both", help="reward type(s) (default both)"
+    )
     parser.add_argument("--params", default="all", metavar="SPEC",
                         help=f"trainable parameters: {arguments.PARAMS_HELP} (default all)")  # fmt: skip
     parser.add_argument("--run", metavar="DIR", default=None,
                         help="a run directory of rmdyn's trainer (checkpoints kept) on the --train pairs: the "
-                             "predicted total change along it beside the actual one, and the linearised trajectory")  # fmt: skip
+                             "predicted total change beside the actual one, and the linearised trajectory")  # fmt: skip
     parser.add_argument("--tolerance", type=float, default=0.1,
                         help="--run: the linearised trajectory parts from the run where its error exceeds this "
                              "fraction of the largest actual change (default 0.1)")  # fmt: skip
@@ -67,7 +69,7 @@ def register(subparsers: Any) -> None:
                         help=f"learning rate η of the step (default {arguments.DEFAULT_LR:g})")  # fmt: skip
     parser.add_argument("--block", type=int, default=4, help="sequences per backward-pass block (default 4)")
     parser.add_argument("--memory-budget", type=float, default=8.0, metavar="GIB",
-                        help="exact mode refuses to hold more per-sequence gradients than this (default 8)")  # fmt: skip
+                        help="exact mode holds at most this many GiB of gradients (default 8)")  # fmt: skip
     arguments.add_model_arguments(parser)
     parser.add_argument("--out", default="runs/attribute", help="output directory (default runs/attribute)")
     parser.set_defaults(func=run)
@@ -159,7 +161,8 @@ def _figures(out: Path, results: dict[str, Any], loaded: Any) -> list[tuple[Path
 
     images = [
         (contribution_heatmaps(results, out / "attribution_heatmap.png")[0], "C over its largest rows and columns"),
-        (overlap_scatter(results, out / "attribution_overlap.png")[0], "rank of C against token overlap and hidden similarity"),
+        (overlap_scatter(results, out / "attribution_overlap.png")[0],
+         "rank of C against token overlap and hidden similarity"),
     ]  # fmt: skip
     views, entries = {}, {}
     for res in results.values():
@@ -239,7 +242,8 @@ def run(args: argparse.Namespace) -> int:
     for kind, (rm, params) in models.items():
         t1 = time.perf_counter()
         res = attribute(
-            rm, params, train, evalset, params_spec=spec, lr=args.lr, mode="exact" if args.project is None else "projected",
+            rm, params, train, evalset, params_spec=spec, lr=args.lr,
+            mode="exact" if args.project is None else "projected",
             project=args.project, seed=args.projection_seed, top=args.top, token_entries=args.token_entries,
             block=args.block, memory_budget_gb=args.memory_budget, progress=True,
             train_rows=items.train_rows if any(r is not None for r in items.train_rows) else None,
