@@ -158,7 +158,7 @@ def _check_memory(n_eval: int, n_params: int, block: int, itemsize: int, budget_
         raise ConfigError(
             f"exact attribution would hold {need / 2**30:.1f} GiB of per-sequence gradients ({n_eval} eval items + "
             f"3 × {block} training rows of {n_params:,} parameters), over the {budget_gb:g} GiB budget: use "
-            "projected mode (--project K), a smaller parameter selection, or a larger budget"
+            "projected mode (mode='projected', project=k), a smaller parameter selection, or a larger budget"
         )
 
 

@@ -206,6 +206,19 @@ def _run_figures(out: Path, run: dict[str, Any] | None) -> list[tuple[Path, str]
     return images
 
 
+def _attribute_or_explain(*args: Any, **kwargs: Any) -> Any:
+    """`attribute`, with the memory-budget refusal told in the flags' terms."""
+    from dynamics.attribution.analysis import attribute
+    from dynamics.errors import ConfigError
+
+    try:
+        return attribute(*args, **kwargs)
+    except ConfigError as err:
+        if "GiB budget" not in str(err):
+            raise
+        raise ConfigError(f"{err} (flags: --project K, --params, --memory-budget GIB)") from None
+
+
 def _token_text(loaded: Any):
     def text(token_id: int) -> str:
         return loaded.tokenizer.decode([int(token_id)])
@@ -217,7 +230,6 @@ def run(args: argparse.Namespace) -> int:
     """Checks the options and the files, computes C per reward type, writes JSON, figures and report.html."""
     kinds, spec = _check_options(args)
     rows, items = _read_inputs(args)
-    from dynamics.attribution.analysis import attribute
     from dynamics.outputs import portable_path, write_json_atomic
     from dynamics.reward_types import reward_label
     from experiments.studies import one_step
@@ -241,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for kind, (rm, params) in models.items():
         t1 = time.perf_counter()
-        res = attribute(
+        res = _attribute_or_explain(
             rm, params, train, evalset, params_spec=spec, lr=args.lr,
             mode="exact" if args.project is None else "projected",
             project=args.project, seed=args.projection_seed, top=args.top, token_entries=args.token_entries,
