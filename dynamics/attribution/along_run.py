@@ -40,13 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamics.attribution.contributions import eval_values
+from dynamics.attribution.contributions import batch_rewards, eval_values
 from dynamics.attribution.evalset import EvalSet
 from dynamics.attribution.gradients import gradient_features
 from dynamics.attribution.trajectory import training_batches
 from dynamics.batches import PreferenceBatch
-from dynamics.chunking import batch_chunks, chunks, strip
-from dynamics.delta import reference_is_policy, reward_jit
+from dynamics.chunking import chunks, strip
+from dynamics.delta import reference_is_policy
 from dynamics.errors import ConfigError, DataError
 from dynamics.masks import combine, partition, trainable_mask
 from dynamics.rewards import GenerativeRM, bt_weight
@@ -266,11 +266,6 @@ def _flat(tree: Any) -> jax.Array:
     return jnp.concatenate([x.reshape(-1) for x in jax.tree.leaves(tree)])
 
 
-def _rewards(rm: Any, params: Any, batch: Any, chunk: int = 16) -> np.ndarray:
-    out = [np.asarray(reward_jit(rm, params, c))[:k] for c, k in batch_chunks(batch, chunk)]
-    return np.concatenate(out).astype(np.float64)
-
-
 def _difference_blocks(features, plus, minus, block: int):
     """Yields (row indices, features(plus) − features(minus) of those rows as a numpy [k, P] block); `minus` None:
     features(plus) alone. Rows `block` at a time, so that only a few blocks are alive at once."""
@@ -307,7 +302,7 @@ def _interval(run: RunModel, tree, opt_state, batches: list[np.ndarray], train, 
     eval_feats = _difference_rows(features, evalset.chosen, evalset.rejected, block)  # ∇q_i, [M, P]
     rows = np.unique(np.concatenate(batches))
     sub = strip(train.select(rows))
-    r_plus, r_minus = _rewards(rm, params, sub.chosen), _rewards(rm, params, sub.rejected)
+    r_plus, r_minus = batch_rewards(rm, params, sub.chosen), batch_rewards(rm, params, sub.rejected)
     if reference_is_policy(rm, params):
         r_plus, r_minus = np.zeros_like(r_plus), np.zeros_like(r_minus)
     w = np.asarray(bt_weight(jnp.asarray(r_plus), jnp.asarray(r_minus)), np.float64)

@@ -35,7 +35,16 @@ from dynamics.errors import ConfigError, DataError
 from dynamics.masks import count_selected, partition, prepare, trainable_mask
 from dynamics.rewards import GenerativeRM, RewardModel, bt_weight
 
-__all__ = ["Contributions", "Mode", "contribution_matrix", "eval_values", "inner_matrix", "pair_features"]
+__all__ = [
+    "Contributions",
+    "Mode",
+    "batch_rewards",
+    "check_data",
+    "contribution_matrix",
+    "eval_values",
+    "inner_matrix",
+    "pair_features",
+]
 
 Mode = Literal["exact", "projected"]
 
@@ -108,9 +117,9 @@ def pair_features(features: Features, evalset: EvalSet, block: int = 8) -> np.nd
 
 def eval_values(rm: RewardModel, params, evalset: EvalSet, chunk: int = 16) -> np.ndarray:
     """q_i before the step: the margin r(ȳ+) − r(ȳ−) or the reward r(ȳ), [M] (0 for an IM-RM at π = π_ref)."""
-    value = _rewards(rm, params, evalset.chosen, chunk)
+    value = batch_rewards(rm, params, evalset.chosen, chunk)
     if evalset.rejected is not None:
-        value = value - _rewards(rm, params, evalset.rejected, chunk)
+        value = value - batch_rewards(rm, params, evalset.rejected, chunk)
     if reference_is_policy(rm, params):
         value = np.zeros_like(value)
     return value
@@ -128,6 +137,19 @@ def inner_matrix(features: Features, evalset: EvalSet, train: PreferenceBatch, b
     return inner
 
 
+def check_data(train: PreferenceBatch, evalset: EvalSet, needs: str) -> None:
+    """DataError for N = 0, M = 0 or a response with no token (naming the row); `needs` words the first two."""
+    if train.batch_size == 0:
+        raise DataError(f"no training pairs (N = 0): {needs} at least one")
+    if evalset.size == 0:
+        raise DataError(f"no eval items (M = 0): {needs} at least one")
+    check_nonempty_responses(train.chosen, "training chosen responses")
+    check_nonempty_responses(train.rejected, "training rejected responses")
+    check_nonempty_responses(evalset.chosen, "eval chosen responses" if evalset.rejected is not None else "eval")
+    if evalset.rejected is not None:
+        check_nonempty_responses(evalset.rejected, "eval rejected responses")
+
+
 def _check(rm, train: PreferenceBatch, evalset: EvalSet, lr: float, mode: str, project: int | None, block: int):
     """The checks of `contribution_matrix` (its Raises section), before any computation."""
     if isinstance(rm, GenerativeRM):
@@ -140,15 +162,7 @@ def _check(rm, train: PreferenceBatch, evalset: EvalSet, lr: float, mode: str, p
         raise ConfigError(f"projected mode needs a projection size k ≥ 1, got {project!r}")
     if block < 1:
         raise ConfigError(f"block must be ≥ 1, got {block}")
-    if train.batch_size == 0:
-        raise DataError("no training pairs (N = 0): attribution needs at least one")
-    if evalset.size == 0:
-        raise DataError("no eval items (M = 0): attribution needs at least one")
-    check_nonempty_responses(train.chosen, "training chosen responses")
-    check_nonempty_responses(train.rejected, "training rejected responses")
-    check_nonempty_responses(evalset.chosen, "eval chosen responses" if evalset.rejected is not None else "eval")
-    if evalset.rejected is not None:
-        check_nonempty_responses(evalset.rejected, "eval rejected responses")
+    check_data(train, evalset, "attribution needs")
 
 
 def _check_memory(n_eval: int, n_params: int, block: int, itemsize: int, budget_gb: float) -> None:
@@ -229,8 +243,8 @@ def contribution_matrix(
                 rm, train_tree, frozen, k=int(project), seed=seed, block=block, mesh=mesh, progress=bar
             )
         inner = inner_matrix(features, evalset, train, block)
-    r_plus = _rewards(rm, params, train.chosen)
-    r_minus = _rewards(rm, params, train.rejected)
+    r_plus = batch_rewards(rm, params, train.chosen)
+    r_minus = batch_rewards(rm, params, train.rejected)
     if reference_is_policy(rm, params):
         r_plus, r_minus = np.zeros_like(r_plus), np.zeros_like(r_minus)
     w = np.asarray(bt_weight(jnp.asarray(r_plus), jnp.asarray(r_minus)), np.float64)
@@ -260,7 +274,8 @@ def contribution_matrix(
     )
 
 
-def _rewards(rm: RewardModel, params, batch, chunk: int = 16) -> np.ndarray:
+def batch_rewards(rm: RewardModel, params, batch, chunk: int = 16) -> np.ndarray:
+    """r of every row of `batch`, [B] float64, in jitted chunks of `chunk` rows (reward units)."""
     from dynamics.chunking import batch_chunks
 
     out = [np.asarray(reward_jit(rm, params, c))[:k] for c, k in batch_chunks(batch, chunk)]

@@ -37,12 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynamics.attribution.contributions import eval_values, pair_features
+from dynamics.attribution.contributions import batch_rewards, check_data, eval_values, pair_features
 from dynamics.attribution.evalset import EvalSet
 from dynamics.attribution.gradients import gradient_features
 from dynamics.batches import PreferenceBatch
-from dynamics.chunking import batch_chunks
-from dynamics.delta import check_nonempty_responses, reference_is_policy, reward_jit, reward_name
+from dynamics.delta import reference_is_policy, reward_name
 from dynamics.errors import ConfigError, DataError
 from dynamics.masks import count_selected, partition, prepare, trainable_mask
 from dynamics.rewards import GenerativeRM, RewardModel
@@ -184,20 +183,7 @@ def _check_kernel_inputs(rm, train: PreferenceBatch, evalset: EvalSet, block: in
         raise ConfigError("the linearised trajectory is defined for Bradley-Terry reward models (EX-RM, IM-RM)")
     if block < 1:
         raise ConfigError(f"block must be ≥ 1, got {block}")
-    if train.batch_size == 0:
-        raise DataError("no training pairs (N = 0): the kernels need at least one")
-    if evalset.size == 0:
-        raise DataError("no eval items (M = 0): the kernels need at least one")
-    check_nonempty_responses(train.chosen, "training chosen responses")
-    check_nonempty_responses(train.rejected, "training rejected responses")
-    check_nonempty_responses(evalset.chosen, "eval chosen responses" if evalset.rejected is not None else "eval")
-    if evalset.rejected is not None:
-        check_nonempty_responses(evalset.rejected, "eval rejected responses")
-
-
-def _rewards(rm: RewardModel, params, batch, chunk: int = 16) -> np.ndarray:
-    out = [np.asarray(reward_jit(rm, params, c))[:k] for c, k in batch_chunks(batch, chunk)]
-    return np.concatenate(out).astype(np.float64)
+    check_data(train, evalset, "the kernels need")
 
 
 def linearised_kernels(
@@ -251,7 +237,7 @@ def linearised_kernels(
         features = gradient_features(rm, train_tree, frozen, block=block, progress=bar)
         eval_feats = pair_features(features, evalset, block)
         diff = pair_features(features, EvalSet(train.chosen, train.rejected), block)  # ∇m_j, [N, P]
-    margin = _rewards(rm, params, train.chosen) - _rewards(rm, params, train.rejected)
+    margin = batch_rewards(rm, params, train.chosen) - batch_rewards(rm, params, train.rejected)
     if reference_is_policy(rm, params):
         margin = np.zeros_like(margin)
     meta = {
