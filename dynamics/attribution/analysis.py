@@ -20,7 +20,7 @@ import numpy as np
 
 from dynamics.attribution.contributions import Contributions, Mode, contribution_matrix
 from dynamics.attribution.evalset import EvalSet
-from dynamics.attribution.overlap import OverlapScores, overlap_scores, overlap_statistics, sequence_states
+from dynamics.attribution.overlap import ItemStates, OverlapScores, item_states, overlap_scores, overlap_statistics
 from dynamics.attribution.tokens import TokenPairView, token_pairs
 from dynamics.batches import PreferenceBatch
 from dynamics.masks import prepare
@@ -138,7 +138,8 @@ def attribute(
     rm, params, _ = prepare(rm, params, params_spec)
     is_im = isinstance(rm, ImplicitRM)
     beta = rm.beta if is_im else 1.0
-    scores = overlap_scores(rm.lm, params["lm"], train, evalset, beta=beta)
+    states = item_states(rm.lm, params["lm"], train, evalset)
+    scores = overlap_scores(rm.lm, params["lm"], train, evalset, beta=beta, states=states)
     stats = overlap_statistics(contrib.contribution, scores, contrib.weight, lr, implicit=is_im)
     stats["source"] = None if train_rows is None else source_ranks(contrib.contribution, train_rows)
     rankings = []
@@ -147,7 +148,7 @@ def attribute(
         rankings.append({"up": up, "down": down})
     views: dict[str, TokenPairView] = {}
     if is_im and token_entries > 0:
-        views = _token_views(rm, params, train, evalset, contrib, lr, beta, top, token_entries)
+        views = _token_views(rm.lm, params["lm"], states, contrib, lr, beta, top, token_entries)
     return Attribution(contrib, scores, stats, rankings, views)
 
 
@@ -161,21 +162,9 @@ def _check_train_rows(train_rows: Sequence[int | None], n_eval: int, n_train: in
             raise ConfigError(f"eval item {i}: train_row {s} is not a training pair (0..{n_train - 1})")
 
 
-def _token_views(rm, params, train, evalset, contrib, lr, beta, top, n_entries) -> dict[str, TokenPairView]:
-    lm, lm_params = rm.lm, params["lm"]
-    if evalset.rejected is None:
-        ev = [("response", 1.0, sequence_states(lm, lm_params, evalset.chosen))]
-    else:
-        ev = [
-            ("chosen", 1.0, sequence_states(lm, lm_params, evalset.chosen)),
-            ("rejected", -1.0, sequence_states(lm, lm_params, evalset.rejected)),
-        ]
-    tr = [
-        ("chosen", 1.0, sequence_states(lm, lm_params, train.chosen)),
-        ("rejected", -1.0, sequence_states(lm, lm_params, train.rejected)),
-    ]
+def _token_views(lm, lm_params, states: ItemStates, contrib, lr, beta, top, n_entries) -> dict[str, TokenPairView]:
     views = {}
     for i, j in largest_entries(contrib.contribution, n_entries):
         scale = lr * float(contrib.weight[j]) * beta**2
-        views[f"{i},{j}"] = token_pairs(lm, lm_params, ev, tr, i, j, scale=scale, n=top)
+        views[f"{i},{j}"] = token_pairs(lm, lm_params, states.eval, states.train, i, j, scale=scale, n=top)
     return views

@@ -28,7 +28,16 @@ from dynamics.batches import PairBatch, PreferenceBatch, last_token_index
 from dynamics.chunking import batch_chunks
 from dynamics.models import LM
 
-__all__ = ["OverlapScores", "SequenceStates", "overlap_scores", "overlap_statistics", "sequence_states", "spearman"]
+__all__ = [
+    "ItemStates",
+    "OverlapScores",
+    "SequenceStates",
+    "item_states",
+    "overlap_scores",
+    "overlap_statistics",
+    "sequence_states",
+    "spearman",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +113,44 @@ def _blocked_terms(a: SequenceStates, b: SequenceStates, block: int) -> tuple[np
     return ov, ind
 
 
+@dataclasses.dataclass(frozen=True)
+class ItemStates:
+    """The `SequenceStates` of every response of the eval items and the training pairs, each with its name and sign.
+
+    Attributes:
+      eval: [("response", +1, states)] for single eval responses, or [("chosen", +1, ·), ("rejected", −1, ·)].
+      train: [("chosen", +1, states of y_j+), ("rejected", −1, states of y_j−)].
+    """
+
+    eval: list[tuple[str, float, SequenceStates]]
+    train: list[tuple[str, float, SequenceStates]]
+
+
+def item_states(lm: LM, lm_params, train: PreferenceBatch, evalset: EvalSet) -> ItemStates:
+    """One forward pass of π_θ over every eval and training response (the inputs of O, I, H and the token view)."""
+    if evalset.rejected is None:
+        ev = [("response", 1.0, sequence_states(lm, lm_params, evalset.chosen))]
+    else:
+        ev = [
+            ("chosen", 1.0, sequence_states(lm, lm_params, evalset.chosen)),
+            ("rejected", -1.0, sequence_states(lm, lm_params, evalset.rejected)),
+        ]
+    tr = [
+        ("chosen", 1.0, sequence_states(lm, lm_params, train.chosen)),
+        ("rejected", -1.0, sequence_states(lm, lm_params, train.rejected)),
+    ]
+    return ItemStates(ev, tr)
+
+
 def overlap_scores(
-    lm: LM, lm_params, train: PreferenceBatch, evalset: EvalSet, *, beta: float = 1.0, block: int = 8
+    lm: LM,
+    lm_params,
+    train: PreferenceBatch,
+    evalset: EvalSet,
+    *,
+    beta: float = 1.0,
+    block: int = 8,
+    states: ItemStates | None = None,
 ) -> OverlapScores:
     """O, I and H of docs/math.md §10.5 for every eval item (rows) and training pair (columns).
 
@@ -115,11 +160,12 @@ def overlap_scores(
       evalset: the M eval items.
       beta: β of the IM-RM (I carries β²; use 1 for an EX-RM).
       block: rows per block of the pairwise [block, block, K, L] arrays.
+      states: `item_states(lm, lm_params, train, evalset)` when the caller already has it (no forward pass then).
     """
-    ev = [(1.0, sequence_states(lm, lm_params, evalset.chosen))]
-    if evalset.rejected is not None:
-        ev.append((-1.0, sequence_states(lm, lm_params, evalset.rejected)))
-    tr = [(1.0, sequence_states(lm, lm_params, train.chosen)), (-1.0, sequence_states(lm, lm_params, train.rejected))]
+    if states is None:
+        states = item_states(lm, lm_params, train, evalset)
+    ev = [(sign, st) for _, sign, st in states.eval]
+    tr = [(sign, st) for _, sign, st in states.train]
     cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def terms(a, b):
