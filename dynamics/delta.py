@@ -39,8 +39,9 @@ from dynamics.errors import ConfigError, DataError
 from dynamics.kernels import dot_rows, im_kernel_matrix, im_prediction_arrays_jit
 from dynamics.masks import combine, count_selected, partition, prepare, trainable_mask
 from dynamics.models import unembedding
+from dynamics.objectives import Objective, objective_weight, reward_model
 from dynamics.reward_types import reward_label
-from dynamics.rewards import ExplicitRM, GenerativeRM, ImplicitRM, RewardModel, bt_loss, bt_weight
+from dynamics.rewards import ExplicitRM, GenerativeRM, ImplicitRM, RewardModel
 
 __all__ = [
     "TRACE_COUNTS",
@@ -171,18 +172,27 @@ def training_rewards(rm: RewardModel, params, train: PreferenceBatch) -> tuple[n
     return np.asarray(reward_jit(rm, params, t.chosen)), np.asarray(reward_jit(rm, params, t.rejected))
 
 
-def unit_update(rm: RewardModel, train_tree, frozen, train: PreferenceBatch, optimizer: Optimizer) -> Any:
+def unit_update(
+    rm: RewardModel,
+    train_tree,
+    frozen,
+    train: PreferenceBatch,
+    optimizer: Optimizer,
+    objective: Objective | None = None,
+) -> Any:
     """Δθ / η: the parameter change of one step with learning rate 1 (SGD: −∇L; Adam: its first update).
 
     Both are exactly linear in η (optax scales the final update by −η), so Δθ(η) = η · unit_update
-    (docs/math.md §3.3).
+    (docs/math.md §3.3). L is the batch mean of the objective's per-pair loss (docs/math.md §11; None: DPO's
+    Bradley-Terry loss).
     """
     TRACE_COUNTS["unit_update"] += 1
     t = strip(train)
+    objective = objective or Objective()
 
     def loss(tr):
         p = combine(tr, frozen)
-        return bt_loss(rm.reward(p, t.chosen), rm.reward(p, t.rejected))
+        return objective.loss(rm.reward(p, t.chosen), rm.reward(p, t.rejected))
 
     grads = jax.grad(loss)(train_tree)
     if optimizer == "sgd":
@@ -238,7 +248,7 @@ def jvp_rewards(rm: RewardModel, train_tree, frozen, tangents, unseen: PairBatch
 
 #: `jvp_rewards` jitted (the reward model static).
 jvp_rewards_jit = jax.jit(jvp_rewards, static_argnums=(0,))
-_unit_update_jit = jax.jit(unit_update, static_argnums=(0, 4))
+_unit_update_jit = jax.jit(unit_update, static_argnums=(0, 4, 5))
 _response_gradients_jit = jax.jit(response_gradients, static_argnums=0)
 
 
@@ -253,12 +263,13 @@ def _ntk(
     chunk_size: int,
     progress: bool,
     mesh=None,
+    objective: Objective | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(reward before, Δr per unit η, kernel [n_unseen, 2B] or None) by VJP + chunked, vmapped JVPs."""
     from tqdm.auto import tqdm
 
     train_tree, frozen = partition(params, mask)
-    update = _unit_update_jit(rm, train_tree, frozen, strip(train), optimizer)
+    update = _unit_update_jit(rm, train_tree, frozen, strip(train), optimizer, objective)
     directions = [jax.tree.map(lambda x: x[None], update)]
     if decompose:
         directions.append(_response_gradients_jit(rm, train_tree, frozen, strip(train)))
@@ -329,6 +340,7 @@ def delta_reward(
     progress: bool = False,
     mesh=None,
     param_sharding: str = "replicate",
+    objective: Objective | None = None,
 ) -> DeltaResult:
     """Predicted Δr of every unseen pair after one step on `train` (docs/math.md §3, Eqs. (4), (5)).
 
@@ -349,6 +361,9 @@ def delta_reward(
       mesh: a `jax.sharding.Mesh` (`dynamics.sharding.make_mesh`) to split each chunk of unseen pairs over its
         devices (data parallel); `chunk_size` must be a multiple of the device count. Method ntk.
       param_sharding: with a mesh, "replicate" the parameters or shard them ("fsdp").
+      objective: the training objective (`dynamics.objectives`, docs/math.md §11); None is DPO's Bradley-Terry
+        loss. Its per-pair weight replaces σ(r− − r+) in `bt_weight`; SimPO also makes an IM-RM reference-free
+        and length-normalised (`dynamics.objectives.reward_model`).
 
     Raises:
       ConfigError: lr ≤ 0, an unknown option, a mask that selects nothing, or `closed_form` with a mask,
@@ -357,6 +372,7 @@ def delta_reward(
     """
     _check_inputs(rm, train, unseen, lr=lr, method=method, optimizer=optimizer, chunk_size=chunk_size)
     was_tied = rm.lm.config.tie_embeddings
+    rm = reward_model(rm, objective)
     rm, params, spec = prepare(rm, params, params_spec)
     mask = trainable_mask(rm, params, spec)
     B = train.batch_size
@@ -368,10 +384,10 @@ def delta_reward(
     r_plus, r_minus = training_rewards(rm, params, train)
     if reference_is_policy(rm, params):
         r_plus, r_minus = np.zeros_like(r_plus), np.zeros_like(r_minus)
-    g = np.asarray(bt_weight(jnp.asarray(r_plus), jnp.asarray(r_minus)))
+    g = np.asarray(objective_weight(objective, jnp.asarray(r_plus), jnp.asarray(r_minus)))
     if method == "ntk":
         before, unit_delta, kern = _ntk(
-            rm, params, mask, train, unseen, optimizer, decompose, chunk_size, progress, mesh
+            rm, params, mask, train, unseen, optimizer, decompose, chunk_size, progress, mesh, objective
         )
         if reference_is_policy(rm, params):
             # π = π_ref: every IM-RM reward is 0 by definition. Decided structurally, not by comparing two
@@ -396,6 +412,7 @@ def delta_reward(
         "chunk_size": chunk_size,
         "devices": 1 if mesh is None else int(mesh.size),
         "param_sharding": None if mesh is None else param_sharding,
+        "objective": (objective or Objective()).to_dict(),
     }
     return DeltaResult(
         delta=np.asarray(delta, np.float64),
@@ -447,6 +464,9 @@ def _check_closed_form(rm: RewardModel, spec: str, optimizer: str) -> None:
         raise ConfigError("closed_form is the SGD step of docs/math.md §3; Adam's step needs method ntk")
     if isinstance(rm, ImplicitRM) and rm.lm.config.final_logit_softcap is not None:
         raise ConfigError("closed_form (Eq. (5)) assumes logits W h; Gemma 2's final soft-cap needs method ntk")
+    if getattr(rm, "length_normalised", False):
+        raise ConfigError("closed_form (Eq. (5)) is for the summed log-probability; a length-normalised IM-RM "
+                          "(SimPO) needs method ntk")  # fmt: skip
 
 
 def _place_on_mesh(params, train: PreferenceBatch, mesh, method: str, chunk_size: int, param_sharding: str):

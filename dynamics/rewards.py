@@ -42,6 +42,7 @@ __all__ = [
     "last_state",
     "make_reward_model",
     "pooled_features",
+    "response_lengths",
     "response_logprob",
     "target_logprobs",
     "token_logprobs",
@@ -182,6 +183,11 @@ def response_logprob(lm: LM, params: Params, batch: PairBatch) -> Float[Array, "
     return jnp.sum(lp * jnp.asarray(batch.response_mask).astype(lp.dtype), axis=-1)
 
 
+def response_lengths(response_mask: Float[Array, "B T"]) -> Float[Array, " B"]:
+    """|y| of every row: its number of response tokens (at least 1, so that an empty row divides by 1)."""
+    return jnp.maximum(jnp.sum(response_mask.astype(jnp.float32), axis=-1), 1.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExplicitRM:
     """EX-RM: r(x, y) = ⟨u, h_{x,y}⟩, a bias-free linear head on the final hidden state (docs/math.md §1).
@@ -226,11 +232,14 @@ class ImplicitRM:
       lm: the language model (π_θ and π_ref share its architecture).
       beta: β > 0 (the paper's `kl_coeff`, 0.01).
       reference_free: drop π_ref: r = β ln π_θ(y|x) (docs/math.md §6.4's ablation).
+      length_normalised: divide by the number of response tokens |y|: r = (β/|y|)(ln π_θ − ln π_ref) (SimPO's
+        reward with `reference_free`, docs/math.md §11).
     """
 
     lm: LM
     beta: float = DEFAULT_BETA
     reference_free: bool = False
+    length_normalised: bool = False
     kind: str = dataclasses.field(default="im", init=False)
 
     def __post_init__(self):
@@ -258,7 +267,10 @@ class ImplicitRM:
     ) -> Float[Array, " B"]:
         """r_IM(x, y) for every row. `ref_logprob` may be passed precomputed (it never changes)."""
         ref = self.reference_logprob(params, batch) if ref_logprob is None else ref_logprob
-        return self.beta * (self.policy_logprob(params, batch) - ref)
+        reward = self.beta * (self.policy_logprob(params, batch) - ref)
+        if self.length_normalised:
+            reward = reward / response_lengths(jnp.asarray(batch.response_mask))
+        return reward
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,8 @@ from dynamics.delta import (
 )
 from dynamics.errors import ConfigError
 from dynamics.masks import combine, partition, prepare, trainable_mask
-from dynamics.rewards import RewardModel, bt_loss
+from dynamics.objectives import Objective, reward_model
+from dynamics.rewards import RewardModel
 
 __all__ = ["StepCheckResult", "check_step", "loglog_slope", "make_optimizer", "real_step", "real_step_jit"]
 
@@ -44,14 +45,16 @@ def make_optimizer(name: Optimizer, lr) -> optax.GradientTransformation:
     raise ConfigError(f"unknown optimizer {name!r}; expected sgd or adam")
 
 
-def real_step(rm: RewardModel, train_tree, frozen, train: PreferenceBatch, lr, optimizer: Optimizer):
-    """The trainable tree after one real optimizer step on the batch-mean BT loss (first step of the optimizer)."""
+def real_step(rm: RewardModel, train_tree, frozen, train: PreferenceBatch, lr, optimizer: Optimizer, objective=None):
+    """The trainable tree after one real optimizer step (its first) on the batch mean of the objective's loss
+    (`dynamics.objectives`; None: the Bradley-Terry loss)."""
 
     TRACE_COUNTS["real_step"] += 1
+    objective = objective or Objective()
 
     def loss(tr):
         p = combine(tr, frozen)
-        return bt_loss(rm.reward(p, train.chosen), rm.reward(p, train.rejected))
+        return objective.loss(rm.reward(p, train.chosen), rm.reward(p, train.rejected))
 
     grads = jax.grad(loss)(train_tree)
     opt = make_optimizer(optimizer, lr)
@@ -60,7 +63,7 @@ def real_step(rm: RewardModel, train_tree, frozen, train: PreferenceBatch, lr, o
 
 
 #: `real_step` jitted (the reward model and the optimizer name static).
-real_step_jit = jax.jit(real_step, static_argnums=(0, 5))
+real_step_jit = jax.jit(real_step, static_argnums=(0, 5, 6))
 
 
 def _rewards(rm, train_tree, frozen, batch):
@@ -175,6 +178,7 @@ def check_step(
     method: str = "ntk",
     chunk_size: int = 16,
     progress: bool = False,
+    objective: Objective | None = None,
 ) -> StepCheckResult:
     """Predicted and actual Δr for every η in `lrs` (docs/math.md §3; the issue's "prediction vs reality").
 
@@ -201,7 +205,9 @@ def check_step(
         decompose=False,  # the kernel terms are not needed here: one JVP direction instead of 1 + 2B
         chunk_size=chunk_size,
         progress=progress,
+        objective=objective,
     )
+    rm = reward_model(rm, objective)
     rm, params, spec = prepare(rm, params, params_spec)
     mask = trainable_mask(rm, params, spec)
     train_tree, frozen = partition(params, mask)
@@ -211,7 +217,7 @@ def check_step(
     dtype = jax.tree.leaves(train_tree)[0].dtype
     actual = []
     for lr in tqdm(lrs, desc="real steps", disable=not progress, leave=False):
-        new_tree = real_step_jit(rm, train_tree, frozen, t, jnp.asarray(lr, dtype), optimizer)
+        new_tree = real_step_jit(rm, train_tree, frozen, t, jnp.asarray(lr, dtype), optimizer, objective)
         after = np.concatenate([np.asarray(_rewards_jit(rm, new_tree, frozen, c))[:k] for c, k in chunks])
         actual.append(after.astype(np.float64) - before.astype(np.float64))
     meta = {

@@ -149,6 +149,19 @@ CASES = {
         ["attribute", "--bundled", "persona", "--train", "{good}", "--out", "{tmp}/o"],
         ["--bundled replaces --train and --eval"],
     ),
+    "delta --objective unknown": (["delta", "--objective", "orpo", "--out", "{tmp}/o"], ["unknown objective 'orpo'; expected one of dpo, cdpo, ipo, hinge, simpo"]),
+    "delta --gamma negative": (
+        ["delta", "--objective", "simpo", "--gamma", "-1", "--out", "{tmp}/o"],
+        ["--objective / --gamma / --label-smoothing", "γ must be ≥ 0, got -1.0"],
+    ),
+    "check-step --gamma without simpo": (
+        ["check-step", "--gamma", "0.5", "--out", "{tmp}/o"],
+        ["objective dpo has no target margin γ (only simpo does)"],
+    ),
+    "attribute --label-smoothing": (
+        ["attribute", "--bundled", "persona", "--objective", "cdpo", "--label-smoothing", "0.7", "--out", "{tmp}/o"],
+        ["label smoothing ε must be in [0, 0.5), got 0.7"],
+    ),
     "footnote3 trait": (
         ["footnote3", "--set", "trait=bogus", "--out", "{tmp}/o"],
         ["traits: agreeableness, extraversion, openness"],

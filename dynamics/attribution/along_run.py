@@ -49,7 +49,7 @@ from dynamics.chunking import chunks, strip
 from dynamics.delta import reference_is_policy
 from dynamics.errors import ConfigError, DataError
 from dynamics.masks import combine, partition, trainable_mask
-from dynamics.rewards import GenerativeRM, bt_weight
+from dynamics.rewards import GenerativeRM
 
 __all__ = ["RunAttribution", "RunModel", "attribute_run", "load_run_model"]
 
@@ -305,7 +305,7 @@ def _interval(run: RunModel, tree, opt_state, batches: list[np.ndarray], train, 
     r_plus, r_minus = batch_rewards(rm, params, sub.chosen), batch_rewards(rm, params, sub.rejected)
     if reference_is_policy(rm, params):
         r_plus, r_minus = np.zeros_like(r_plus), np.zeros_like(r_minus)
-    w = np.asarray(bt_weight(jnp.asarray(r_plus), jnp.asarray(r_minus)), np.float64)
+    w = np.asarray(config.objective_spec.weight(jnp.asarray(r_plus), jnp.asarray(r_minus)), np.float64)
     delta = np.zeros((evalset.size, train.batch_size))
     other = np.zeros(evalset.size)
     lr = config.lr

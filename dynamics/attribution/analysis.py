@@ -24,6 +24,7 @@ from dynamics.attribution.overlap import ItemStates, OverlapScores, item_states,
 from dynamics.attribution.tokens import TokenPairView, token_pairs
 from dynamics.batches import PreferenceBatch
 from dynamics.masks import prepare
+from dynamics.objectives import Objective, reward_model
 from dynamics.rewards import ImplicitRM, RewardModel
 
 __all__ = ["Attribution", "attribute", "largest_entries", "source_ranks"]
@@ -114,13 +115,16 @@ def attribute(
     memory_budget_gb: float = 8.0,
     mesh=None,
     progress: bool = False,
+    objective: Objective | None = None,
 ) -> Attribution:
     """C (`contribution_matrix`), per-item rankings, overlap statistics and, for the IM-RM, token-pair views.
 
     Args:
       rm, params: the reward model and its parameters at θ.
       train, evalset: N training pairs and M eval items.
-      params_spec, lr, mode, project, seed, block, memory_budget_gb, mesh, progress: as `contribution_matrix`.
+      params_spec, lr, mode, project, seed, block, memory_budget_gb, mesh, progress, objective: as
+        `contribution_matrix` (a length-normalised SimPO reward gets no token-pair view: statistics["token_view"]
+        says so).
       top: training pairs kept per eval item and direction in `rankings`, and token pairs per token view.
       token_entries: how many of the largest |C_ij| get a token-pair view (IM-RM).
       train_rows: per eval item, the training pair it derives from, or None: adds `source_ranks` to the
@@ -133,9 +137,9 @@ def attribute(
         _check_train_rows(train_rows, evalset.size, train.batch_size)
     contrib = contribution_matrix(
         rm, params, train, evalset, params_spec=params_spec, lr=lr, mode=mode, project=project, seed=seed,
-        block=block, memory_budget_gb=memory_budget_gb, mesh=mesh, progress=progress,
+        block=block, memory_budget_gb=memory_budget_gb, mesh=mesh, progress=progress, objective=objective,
     )  # fmt: skip
-    rm, params, _ = prepare(rm, params, params_spec)
+    rm, params, _ = prepare(reward_model(rm, objective), params, params_spec)
     is_im = isinstance(rm, ImplicitRM)
     beta = rm.beta if is_im else 1.0
     states = item_states(rm.lm, params["lm"], train, evalset)
@@ -147,7 +151,9 @@ def attribute(
         up, down = contrib.top(i, top)
         rankings.append({"up": up, "down": down})
     views: dict[str, TokenPairView] = {}
-    if is_im and token_entries > 0:
+    # the token-pair terms (docs/math.md §10.6) are those of the summed log-probability: SimPO's 1/|y| is not in them
+    stats["token_view"] = "not computed: length-normalised reward" if getattr(rm, "length_normalised", False) else None
+    if is_im and token_entries > 0 and stats["token_view"] is None:
         views = _token_views(rm.lm, params["lm"], states, contrib, lr, beta, top, token_entries)
     return Attribution(contrib, scores, stats, rankings, views)
 

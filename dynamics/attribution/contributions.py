@@ -33,7 +33,8 @@ from dynamics.chunking import chunks, strip
 from dynamics.delta import check_nonempty_responses, reference_is_policy, reward_jit, reward_name
 from dynamics.errors import ConfigError, DataError
 from dynamics.masks import count_selected, partition, prepare, trainable_mask
-from dynamics.rewards import GenerativeRM, RewardModel, bt_weight
+from dynamics.objectives import Objective, objective_weight, reward_model
+from dynamics.rewards import GenerativeRM, RewardModel
 
 __all__ = [
     "Contributions",
@@ -117,11 +118,11 @@ def pair_features(features: Features, evalset: EvalSet, block: int = 8) -> np.nd
 
 def eval_values(rm: RewardModel, params, evalset: EvalSet, chunk: int = 16) -> np.ndarray:
     """q_i before the step: the margin r(ȳ+) − r(ȳ−) or the reward r(ȳ), [M] (0 for an IM-RM at π = π_ref)."""
+    if reference_is_policy(rm, params):
+        return np.zeros(evalset.size)
     value = batch_rewards(rm, params, evalset.chosen, chunk)
     if evalset.rejected is not None:
         value = value - batch_rewards(rm, params, evalset.rejected, chunk)
-    if reference_is_policy(rm, params):
-        value = np.zeros_like(value)
     return value
 
 
@@ -191,6 +192,7 @@ def contribution_matrix(
     memory_budget_gb: float = 8.0,
     mesh=None,
     progress: bool = False,
+    objective: Objective | None = None,
 ) -> Contributions:
     """C_ij = η w_j ⟨∇q_i, ∇r(x_j,y_j+) − ∇r(x_j,y_j−)⟩ for every eval item i and training pair j (docs/math.md §10.1).
 
@@ -209,12 +211,15 @@ def contribution_matrix(
       memory_budget_gb: exact mode refuses to hold more per-sequence gradients than this.
       mesh: a `jax.sharding.Mesh`; the rows of each block are split over its devices, the parameters replicated.
       progress: a progress bar over the 2N + 2M (or 2N + M) backward passes.
+      objective: the training objective (docs/math.md §11): w_j is its per-pair weight (None: DPO's σ(r− − r+));
+        SimPO also makes an IM-RM reference-free and length-normalised.
 
     Raises:
       ConfigError: lr ≤ 0, an unknown mode, k < 1, a mask that selects nothing, exact mode over the budget.
       DataError: N = 0, M = 0, or a response with no token (naming the row).
     """
     _check(rm, train, evalset, lr, mode, project, block)
+    rm = reward_model(rm, objective)
     rm, params, spec = prepare(rm, params, params_spec)
     mask = trainable_mask(rm, params, spec)
     n_trained = count_selected(params, mask)
@@ -243,11 +248,11 @@ def contribution_matrix(
                 rm, train_tree, frozen, k=int(project), seed=seed, block=block, mesh=mesh, progress=bar
             )
         inner = inner_matrix(features, evalset, train, block)
-    r_plus = batch_rewards(rm, params, train.chosen)
-    r_minus = batch_rewards(rm, params, train.rejected)
-    if reference_is_policy(rm, params):
-        r_plus, r_minus = np.zeros_like(r_plus), np.zeros_like(r_minus)
-    w = np.asarray(bt_weight(jnp.asarray(r_plus), jnp.asarray(r_minus)), np.float64)
+    if reference_is_policy(rm, params):  # an IM-RM at π_θ = π_ref: every reward is 0, no forward pass needed
+        r_plus = r_minus = np.zeros(train.batch_size)
+    else:
+        r_plus, r_minus = batch_rewards(rm, params, train.chosen), batch_rewards(rm, params, train.rejected)
+    w = np.asarray(objective_weight(objective, jnp.asarray(r_plus), jnp.asarray(r_minus)), np.float64)
     meta = {
         "reward": reward_name(rm),
         "beta": getattr(rm, "beta", None),
@@ -262,6 +267,7 @@ def contribution_matrix(
         "n_eval": evalset.size,
         "backward_passes": total,
         "devices": 1 if mesh is None else int(mesh.size),
+        "objective": (objective or Objective()).to_dict(),
     }
     return Contributions(
         contribution=lr * inner * w[None, :],

@@ -287,10 +287,13 @@ def linearised_trajectory(
     *,
     lr: float,
     batches: Sequence[np.ndarray],
+    objective: Any = None,
 ) -> Trajectory:
     """SGD of the linearised model: m and q after each step of `batches` (docs/math.md §10.4).
 
         w = σ(−m(t)),  m(t+1) = m(t) + (η/|B_t|) K_tt[:, B_t] w[B_t],  q(t+1) = q(t) + (η/|B_t|) K_et[:, B_t] w[B_t]
+
+    with another objective's weight w(m) in place of σ(−m) (`objective`, docs/math.md §11; None: Bradley-Terry).
 
     Args:
       train_kernel: K_tt, [N, N].
@@ -313,7 +316,7 @@ def linearised_trajectory(
     margins, values, sizes = [m], [q], []
     for b in batches:
         b = np.asarray(b, np.int64)
-        w = bt_weights(m[b]) * (lr / len(b))
+        w = (bt_weights(m[b]) if objective is None else objective.margin_weight(m[b])) * (lr / len(b))
         m = m + k_tt[:, b] @ w
         q = q + k_et[:, b] @ w
         margins.append(m)

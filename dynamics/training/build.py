@@ -7,6 +7,7 @@ from typing import Any
 from dynamics.errors import ConfigError
 from dynamics.masks import prepare
 from dynamics.models import LM, Params
+from dynamics.objectives import reward_model
 from dynamics.rewards import ExplicitRM, RewardModel, make_reward_model
 from dynamics.training.config import OptimizerSpec, TrainConfig
 
@@ -44,7 +45,7 @@ def build_reward_model(
     if config.reward == "exgrm" and answer_ids is None:
         raise ConfigError("reward='exgrm' needs answer_ids=(yes_id, no_id) (dynamics.text.exgrm_answer_ids)")
     yes_no = dict(zip(("yes_id", "no_id"), answer_ids or (), strict=False))
-    rm = make_reward_model(config.reward, lm, beta=config.beta, **yes_no)
+    rm = reward_model(make_reward_model(config.reward, lm, beta=config.beta, **yes_no), config.objective_spec)
     if isinstance(rm, ExplicitRM):
         params = rm.init(lm_params, seed=config.head_seed, std=config.head_init_std)
     else:

@@ -13,6 +13,7 @@ from typing import Any
 
 from dynamics.defaults import DEFAULT_BETA, HEAD_INIT_STD
 from dynamics.errors import ConfigError
+from dynamics.objectives import Objective
 from dynamics.reward_types import REWARD_TYPES
 
 __all__ = [
@@ -94,6 +95,11 @@ class TrainConfig:
         limit. On the 2-core CPU of this project a SmolLM2-135M IM-RM pass (all parameters, packed pairs of 192
         positions) took 1.00–1.07 s per pair at 576–960 positions, 1.17 s at 1152, 1.20–1.36 s at 1536 and
         1.36 s at 3072 (the activations of a smaller pass stay in the caches).
+      objective: the preference loss (`dynamics.objectives`, docs/math.md §11): dpo (Bradley-Terry), cdpo, ipo,
+        hinge or simpo (which makes an IM-RM reference-free and length-normalised). EX-GRM trains its own
+        cross-entropy and takes dpo only.
+      gamma: SimPO's target margin γ ≥ 0.
+      label_smoothing: cDPO's ε ∈ [0, ½).
     """
 
     reward: str = "im"
@@ -126,6 +132,9 @@ class TrainConfig:
     param_sharding: str = "replicate"
     pack_pairs: bool = True
     pass_positions: int | None = None
+    objective: str = "dpo"
+    gamma: float = 0.0
+    label_smoothing: float = 0.0
 
     def __post_init__(self):
         if self.reward not in REWARD_KINDS:
@@ -176,6 +185,16 @@ class TrainConfig:
             raise ConfigError(f"weight_decay={self.weight_decay} needs optimizer='adamw' and a value >= 0")
         if not self.tie_tol >= 0 or not self.head_init_std >= 0:
             raise ConfigError("tie_tol and head_init_std must be >= 0")
+        Objective(self.objective, gamma=self.gamma, smoothing=self.label_smoothing)  # raises ConfigError
+        if self.reward == "exgrm" and self.objective != "dpo":
+            raise ConfigError(f"reward 'exgrm' trains its cross-entropy loss; objective {self.objective!r} needs a "
+                              "reward margin (ex, ex-mean, im, im-noref)")  # fmt: skip
+
+    @property
+    def objective_spec(self) -> Objective:
+        """The objective of this run, with IPO's β the run's β for an IM-RM (1 for an EX-RM)."""
+        beta = self.beta if REWARD_TYPES[self.reward].model == "ImplicitRM" else 1.0
+        return Objective(self.objective, beta=beta, gamma=self.gamma, smoothing=self.label_smoothing)
 
     @property
     def accumulation_steps(self) -> int:

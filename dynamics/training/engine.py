@@ -19,6 +19,7 @@ import numpy as np
 
 from dynamics.masks import combine
 from dynamics.models import Params
+from dynamics.objectives import Objective
 from dynamics.rewards import (
     GenerativeRM,
     ImplicitRM,
@@ -29,6 +30,7 @@ from dynamics.rewards import (
     gathered_response_logprob,
     head_reward,
     pooled_features,
+    response_lengths,
 )
 from dynamics.sharding import data_devices, place_rows
 from dynamics.training.batching import PairSet, pass_limit, pass_rows, split_passes
@@ -53,11 +55,14 @@ def _policy_logprob(rm: RewardModel, lm_params: Params, rows: Rows, hidden: Any)
     return gathered_response_logprob(rm.lm, lm_params, hidden, rows.resp_src, rows.resp_tgt, rows.resp_valid)
 
 
-def pair_losses(rm: RewardModel, params: Params, both: Rows, ref: Any, b: int, start: int) -> tuple[Any, Any, Any]:
+def pair_losses(
+    rm: RewardModel, params: Params, both: Rows, ref: Any, b: int, start: int, objective: Objective | None = None
+) -> tuple[Any, Any, Any]:
     """Per-pair losses ℓ_i [b] and rewards (r+, r−) of b pairs whose chosen rows come first in `both` [2b, T].
 
     BT (docs/math.md §1): ℓ_i = −ln σ(r(x_i,y_i+) − r(x_i,y_i−)), with r_IM = β (ln π_θ − ln π_ref) and the cached
-    ln π_ref `ref` [2b]. EX-GRM (docs/math.md §6.5): `dynamics.rewards.exgrm_losses`.
+    ln π_ref `ref` [2b]; another `objective` (docs/math.md §11) replaces ℓ (None: BT). EX-GRM (docs/math.md §6.5):
+    `dynamics.rewards.exgrm_losses`.
     """
     hidden = hidden_states(rm.lm, params["lm"], both, start)
     if isinstance(rm, GenerativeRM):
@@ -66,9 +71,12 @@ def pair_losses(rm: RewardModel, params: Params, both: Rows, ref: Any, b: int, s
         return exgrm_losses(lp[:b], lp[b:]), rewards[:b], rewards[b:]
     if isinstance(rm, ImplicitRM):
         rewards = rm.beta * (_policy_logprob(rm, params["lm"], both, hidden) - ref)
+        if rm.length_normalised:
+            rewards = rewards / response_lengths(both.resp_valid)
     else:
         rewards = sequence_rewards(rm, params, both, hidden)
-    return bt_losses(rewards[:b], rewards[b:]), rewards[:b], rewards[b:]
+    losses = bt_losses if objective is None else objective.losses
+    return losses(rewards[:b], rewards[b:]), rewards[:b], rewards[b:]
 
 
 def _counted(traces: dict[str, int], name: str, fn: Callable) -> Callable:
@@ -82,12 +90,12 @@ def _counted(traces: dict[str, int], name: str, fn: Callable) -> Callable:
     return wrapper
 
 
-def _micro_grads(rm: RewardModel, start: int, train: Params, frozen: Params, both: Rows, ref: Any):
+def _micro_grads(rm: RewardModel, start: int, objective: Any, train: Params, frozen: Params, both: Rows, ref: Any):
     """(Σ_i ∇ℓ_i over the pass's pairs, Σ_i ℓ_i, wins with ties ½)."""
     b = both.tokens.shape[0] // 2
 
     def total(t):
-        losses, rc, rr = pair_losses(rm, combine(t, frozen), both, ref, b, start)
+        losses, rc, rr = pair_losses(rm, combine(t, frozen), both, ref, b, start, objective)
         return jnp.sum(losses), (losses, rc, rr)
 
     (_, (losses, rc, rr)), grads = jax.value_and_grad(total, has_aux=True)(train)
@@ -132,10 +140,10 @@ class CompiledStep:
       lower: (lm_params, tokens, mask) → the residual stream after the frozen blocks.
     """
 
-    def __init__(self, rm: RewardModel, tx: Any, start: int):
-        self.rm, self.tx, self.start = rm, tx, start
+    def __init__(self, rm: RewardModel, tx: Any, start: int, objective: Objective | None = None):
+        self.rm, self.tx, self.start, self.objective = rm, tx, start, objective
         self.traces: dict[str, int] = {"micro_step": 0, "apply": 0, "score": 0, "logprob": 0, "lower": 0}
-        first = _counted(self.traces, "micro_step", functools.partial(_micro_grads, rm, start))
+        first = _counted(self.traces, "micro_step", functools.partial(_micro_grads, rm, start, objective))
 
         def accumulate(train, frozen, acc, both, ref):
             grads, loss, wins = first(train, frozen, both, ref)
@@ -157,15 +165,19 @@ class CompiledStep:
 
 
 @functools.lru_cache(maxsize=16)
-def compile_step(rm: RewardModel, start: int, optimizer: OptimizerSpec) -> CompiledStep:
-    """The jitted functions of a reward model, frozen prefix and optimizer, shared by the runs of one process.
+def compile_step(
+    rm: RewardModel, start: int, optimizer: OptimizerSpec, objective: Objective | None = None
+) -> CompiledStep:
+    """The jitted functions of a reward model, frozen prefix, optimizer and objective, shared by the runs of one
+    process.
 
     Args:
       rm: the reward model (hashable).
       start: blocks below this index are frozen and their output is cached (`frozen_prefix`; 0: no cache).
       optimizer: the optimizer (`OptimizerSpec.from_config(config)`).
+      objective: the preference loss (`TrainConfig.objective_spec`; None: Bradley-Terry).
     """
-    return CompiledStep(rm, make_optimizer(optimizer), start)
+    return CompiledStep(rm, make_optimizer(optimizer), start, objective)
 
 
 def accumulate_gradients(

@@ -86,8 +86,19 @@ def _metric_dict(m: PreferenceMetrics, loss: float, prefix: str) -> dict[str, fl
     return out
 
 
-def evaluate_rewards(rewards: Mapping[str, np.ndarray], suite: EvalSuite, tie_tol: float = 0.0) -> dict[str, float]:
+def _pair_loss(r_chosen: np.ndarray, r_rejected: np.ndarray, objective: Any) -> float:
+    """The mean loss of the pairs: BT in float64 (`_bt_loss`), or the objective's (docs/math.md §11)."""
+    if objective is None or objective.name == "dpo":
+        return _bt_loss(r_chosen, r_rejected)
+    return float(np.mean(np.asarray(objective.losses(r_chosen, r_rejected))))
+
+
+def evaluate_rewards(
+    rewards: Mapping[str, np.ndarray], suite: EvalSuite, tie_tol: float = 0.0, objective: Any = None
+) -> dict[str, float]:
     """Metrics of every comparison and average of `suite`, from the rewards of its sequence sets.
+
+    `objective` (`dynamics.objectives.Objective`, None: Bradley-Terry) defines the "loss" metric.
 
     Returns:
       A flat dict: "<comparison>/rewards/accuracies" (ties ½), ".../accuracy_strict", ".../margins",
@@ -99,7 +110,7 @@ def evaluate_rewards(rewards: Mapping[str, np.ndarray], suite: EvalSuite, tie_to
     per: dict[str, dict[str, float]] = {}
     for name, (a, b) in suite.comparisons.items():
         m = preference_metrics(rewards[a], rewards[b], tie_tol=tie_tol)
-        per[name] = _metric_dict(m, _bt_loss(rewards[a], rewards[b]), "")
+        per[name] = _metric_dict(m, _pair_loss(rewards[a], rewards[b], objective), "")
         out.update({f"{name}/{k}": v for k, v in per[name].items()})
     for name, members in suite.averages.items():
         for k in per[members[0]]:
@@ -134,7 +145,7 @@ def evaluate(
     rewards = {
         name: score_set(step, params, sets[name], ref_cache.get(name), config, mesh, bar) for name in suite.sequences
     }
-    return evaluate_rewards(rewards, suite, config.tie_tol)
+    return evaluate_rewards(rewards, suite, config.tie_tol, config.objective_spec)
 
 
 def eval_line(step: int, evaluation: Mapping[str, float], suite: EvalSuite) -> str:

@@ -219,7 +219,7 @@ def prepare_run(
     # in a float64 run): a float32 cache would round ln π_ref by ~1e-6 nats in a float64 run
     lp_dtype = np.dtype(jnp.promote_types(params["lm"]["final_norm"]["scale"].dtype, jnp.float32))
     run = Run(
-        config, suite, rm, compile_step(rm, start, OptimizerSpec.from_config(config)),
+        config, suite, rm, compile_step(rm, start, OptimizerSpec.from_config(config), config.objective_spec),
         # the step never reads π_ref (its log-probs are cached): it stays out of the traced trees
         {k: v for k, v in frozen.items() if k != "ref"},
         PairSet(train_sets["chosen"], train_sets["rejected"]), eval_sets, record, mesh, run_path, progress,

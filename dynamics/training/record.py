@@ -42,7 +42,7 @@ def rows_sha256(rows: Rows) -> str:
 
 def _rm_options(rm: RewardModel) -> dict[str, Any]:
     if isinstance(rm, ImplicitRM):
-        return {"beta": rm.beta, "reference_free": rm.reference_free}
+        return {"beta": rm.beta, "reference_free": rm.reference_free, "length_normalised": rm.length_normalised}
     if isinstance(rm, ExplicitRM):
         return {"pooling": rm.pooling}
     return {"yes_id": rm.yes_id, "no_id": rm.no_id}

@@ -98,7 +98,10 @@ def score_set(
     """
     if isinstance(step.rm, ImplicitRM):
         lp = sequence_logprobs(step, params["lm"], rows, config, mesh, bar)
-        return step.rm.beta * (lp - ref)
+        reward = step.rm.beta * (lp - ref)
+        if step.rm.length_normalised:  # SimPO (docs/math.md §11): (β/|y|) ln π_θ(y|x)
+            reward = reward / np.maximum(np.asarray(rows.response_mask).sum(axis=1), 1)
+        return reward
     out = []
     for idx, k in chunks_pad_last(rows.n_rows, eval_chunk(config, data_devices(mesh))):
         out.append(np.asarray(step.score(params, place_rows(step.prepare(rows, idx, config.bucket), mesh)))[:k])

@@ -20,14 +20,17 @@ __all__ = [
     "PARAMS_HELP",
     "REWARD_CHOICES",
     "add_model_arguments",
+    "add_objective_arguments",
     "add_reward_arguments",
     "add_train_arguments",
     "add_unseen_arguments",
     "check_chunk_size",
     "check_inputs",
     "check_params_on_model",
+    "check_objective",
     "check_positive",
     "fmt",
+    "objective_for",
     "parse_lrs",
     "reward_kinds",
     "resolve_params",
@@ -109,6 +112,17 @@ def add_reward_arguments(parser: argparse.ArgumentParser, *, method: bool = True
     parser.add_argument("--chunk-size", type=int, default=8, help="unseen pairs per JVP batch (default 8)")
 
 
+def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
+    """--objective, --gamma, --label-smoothing (the DPO family, `dynamics.objectives`)."""
+    from dynamics.objectives import OBJECTIVES  # pure Python
+
+    parser.add_argument("--objective", default="dpo", metavar="|".join(OBJECTIVES),
+                        help="the training objective: dpo (Bradley-Terry), cdpo, ipo, hinge or simpo (reference-free, "
+                             "length-normalised IM-RM) (default dpo)")  # fmt: skip
+    parser.add_argument("--gamma", type=float, default=0.0, help="SimPO's target margin γ ≥ 0 (default 0)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO's ε in [0, 0.5) (default 0)")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Validation (before the model loads)
 # ----------------------------------------------------------------------------------------------------------
@@ -186,6 +200,24 @@ def check_params_on_model(rm: Any, params: Any, spec: str) -> None:
             trainable_mask(rm, params, spec)
     except RmdynError as err:
         raise ConfigError(f"--params: {err}") from None
+
+
+def check_objective(args: argparse.Namespace) -> None:
+    """--objective with --gamma / --label-smoothing, checked before the model loads (ConfigError naming the flags)."""
+    from dynamics.errors import ConfigError
+    from dynamics.objectives import Objective
+
+    try:
+        Objective(args.objective, gamma=args.gamma, smoothing=args.label_smoothing)
+    except ConfigError as err:
+        raise ConfigError(f"--objective / --gamma / --label-smoothing: {err}") from None
+
+
+def objective_for(args: argparse.Namespace, rm: Any) -> Any:
+    """The objective of the flags for reward model `rm` (`dynamics.objectives.make_objective`)."""
+    from dynamics.objectives import make_objective
+
+    return make_objective(args.objective, rm, gamma=args.gamma, smoothing=args.label_smoothing)
 
 
 def check_chunk_size(value: int) -> int:

@@ -70,7 +70,8 @@ def run_analysis(
                                  memory_budget_gb=memory_budget_gb, progress=progress)  # fmt: skip
     batches = training_batches(run.config, train.batch_size)[: steps[-1]]
     traj = linearised_trajectory(kernels.train_kernel, kernels.eval_kernel, kernels.train_margin,
-                                 kernels.eval_value, lr=run.config.lr, batches=batches)  # fmt: skip
+                                 kernels.eval_value, lr=run.config.lr, batches=batches,
+                                 objective=run.config.objective_spec)  # fmt: skip
     predicted_at = traj.eval_value[np.asarray(steps)]
     parting = parting_step(predicted_at, np.asarray(result.eval_value), tolerance, relative=True)
     out["trajectory"] = {

@@ -67,6 +67,7 @@ def register(subparsers: Any) -> None:
                         help="largest IM-RM entries split into token pairs (default 4)")  # fmt: skip
     parser.add_argument("--lr", type=float, default=arguments.DEFAULT_LR,
                         help=f"learning rate η of the step (default {arguments.DEFAULT_LR:g})")  # fmt: skip
+    arguments.add_objective_arguments(parser)
     parser.add_argument("--block", type=int, default=4, help="sequences per backward-pass block (default 4)")
     parser.add_argument("--memory-budget", type=float, default=8.0, metavar="GIB",
                         help="exact mode holds at most this many GiB of gradients (default 8)")  # fmt: skip
@@ -84,6 +85,7 @@ def _check_options(args: argparse.Namespace) -> tuple[list[str], str]:
     arguments.check_positive(args.lr, "--lr")
     arguments.check_positive(args.beta, "--beta")
     arguments.check_positive(args.memory_budget, "--memory-budget")
+    arguments.check_objective(args)
     if args.project is not None and args.project < 1:
         raise ConfigError(f"--project must be ≥ 1 (the projection size k), got {args.project}")
     for flag, value in (("--top", args.top), ("--block", args.block)):
@@ -100,13 +102,14 @@ def _check_options(args: argparse.Namespace) -> tuple[list[str], str]:
     check_input_file(args.eval, "--eval")
     if args.run is not None:
         arguments.check_positive(args.tolerance, "--tolerance")
-        _check_run_record(args.run, args.reward)
+        _check_run_record(args.run, args.reward, args.objective)
     arguments.check_inputs(args, *OUT_FILES)
     return kinds, spec
 
 
-def _check_run_record(run: str, reward: str) -> None:
-    """--run names a trainer's run directory whose reward type is the one asked for (pure Python, before JAX)."""
+def _check_run_record(run: str, reward: str, objective: str) -> None:
+    """--run names a trainer's run directory whose reward type and objective are the ones asked for (pure Python,
+    before JAX)."""
     import json
 
     from dynamics.errors import ConfigError
@@ -115,13 +118,18 @@ def _check_run_record(run: str, reward: str) -> None:
     if not record.is_file():
         raise ConfigError(f"--run {run}: not a run directory of rmdyn's trainer (no config.json)")
     try:
-        kind = (json.loads(record.read_text(encoding="utf-8")).get("reward_model") or {}).get("kind")
+        data = json.loads(record.read_text(encoding="utf-8"))
+        kind = (data.get("reward_model") or {}).get("kind")
+        trained = (data.get("train") or {}).get("objective", "dpo")
     except (OSError, ValueError, AttributeError) as err:
         raise ConfigError(f"--run {run}: unreadable {record} ({err})") from None
     if kind not in ("ex", "im"):
         raise ConfigError(f"--run {run}: a run of reward {kind!r} ({record}); attribution needs an EX-RM or IM-RM run")
     if reward != "both" and kind != reward:
         raise ConfigError(f"--run {run} was trained with reward {kind}, not {reward} ({record})")
+    if trained != objective:
+        raise ConfigError(f"--run {run} was trained with objective {trained}, not {objective} ({record}): pass "
+                          f"--objective {trained}")  # fmt: skip
 
 
 def _read_inputs(args: argparse.Namespace) -> tuple[list[Any], Any]:
@@ -259,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
             project=args.project, seed=args.projection_seed, top=args.top, token_entries=args.token_entries,
             block=args.block, memory_budget_gb=args.memory_budget, progress=True,
             train_rows=items.train_rows if any(r is not None for r in items.train_rows) else None,
+            objective=arguments.objective_for(args, rm),
         )  # fmt: skip
         s = res.statistics
         print(
@@ -278,6 +287,7 @@ def run(args: argparse.Namespace) -> int:
         "options": {
             "params": spec, "lr": args.lr, "project": args.project, "projection_seed": args.projection_seed,
             "beta": args.beta, "seed": args.seed, "top": args.top, "block": args.block, "bundled": args.bundled,
+            "objective": args.objective, "gamma": args.gamma, "label_smoothing": args.label_smoothing,
         },
         "results": results,
     }  # fmt: skip

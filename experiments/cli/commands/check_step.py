@@ -36,6 +36,7 @@ def register(subparsers: Any) -> None:
     arguments.add_train_arguments(parser, several=True)
     arguments.add_unseen_arguments(parser, several=True)
     arguments.add_reward_arguments(parser, method=False)
+    arguments.add_objective_arguments(parser)
     parser.add_argument("--lrs", default=DEFAULT_LRS, help=f"comma list of η (default {DEFAULT_LRS})")
     arguments.add_model_arguments(parser)
     parser.add_argument("--out", default="runs/check_step", help="output directory (default runs/check_step)")
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     lrs = arguments.parse_lrs(args.lrs)
     arguments.check_positive(args.beta, "--beta")
     chunk = arguments.check_chunk_size(args.chunk_size)
+    arguments.check_objective(args)
     arguments.check_inputs(args, "check_step.json", "check_step.png")
     rows, rows_from = inputs.training_rows(args)
     pairs, pairs_from = inputs.unseen_pairs(args)
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = inputs.load_model(args)
     train, unseen = one_step.encode(loaded, rows, pairs)
     print(
-        f"one-step check: {args.optimizer}, params {spec}, η ∈ {lrs}; {len(rows)} triple(s) from {rows_from}, "
+        f"one-step check: {args.optimizer} on the {args.objective} loss, params {spec}, η ∈ {lrs}; "
+        f"{len(rows)} triple(s) from {rows_from}, "
         f"{len(pairs)} unseen pairs from {pairs_from}; model {loaded.name} ({time.perf_counter() - t0:.1f} s)"
     )
     results = {}
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         results[name] = check_step(
             rm, params, train, unseen, lrs=lrs, params_spec=spec, optimizer=args.optimizer, chunk_size=chunk,
-            progress=True,
+            progress=True, objective=arguments.objective_for(args, rm),
         )  # fmt: skip
         print("\n".join(stats_lines(name, results[name])) + f"\n  ({time.perf_counter() - t1:.1f} s)")
     data = {
@@ -107,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
             "lrs": lrs,
             "params": spec,
             "optimizer": args.optimizer,
+            "objective": args.objective,
+            "gamma": args.gamma,
+            "label_smoothing": args.label_smoothing,
             "beta": args.beta,
             "seed": args.seed,
             "chunk_size": chunk,

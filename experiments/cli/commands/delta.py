@@ -37,6 +37,7 @@ def register(subparsers: Any) -> None:
     arguments.add_train_arguments(parser, several=True)
     arguments.add_unseen_arguments(parser, several=True)
     arguments.add_reward_arguments(parser)
+    arguments.add_objective_arguments(parser)
     parser.add_argument("--lr", type=float, default=arguments.DEFAULT_LR,
                         help=f"learning rate η (default {arguments.DEFAULT_LR:g})")  # fmt: skip
     arguments.add_model_arguments(parser)
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     lr = arguments.check_positive(args.lr, "--lr")
     arguments.check_positive(args.beta, "--beta")
     chunk = arguments.check_chunk_size(args.chunk_size)
+    arguments.check_objective(args)
     if args.method == "closed_form" and args.optimizer != "sgd":
         from dynamics.errors import ConfigError
 
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = inputs.load_model(args)
     train, unseen = one_step.encode(loaded, rows, pairs)
     print(
-        f"Δr after one {args.optimizer} step (η = {lr:g}, params {spec}, {args.method}) on {len(rows)} triple(s) "
+        f"Δr after one {args.optimizer} step on the {args.objective} loss (η = {lr:g}, params {spec}, "
+        f"{args.method}) on {len(rows)} triple(s) "
         f"from {rows_from}; {len(pairs)} unseen pairs from {pairs_from}; model {loaded.name} "
         f"(loaded in {time.perf_counter() - t0:.1f} s)"
     )
@@ -102,13 +105,13 @@ def run(args: argparse.Namespace) -> int:
         t1 = time.perf_counter()
         results[reward_label(kind)] = delta_reward(
             rm, params, train, unseen, params_spec=spec, lr=lr, optimizer=args.optimizer, method=args.method,
-            chunk_size=chunk, progress=True,
+            chunk_size=chunk, progress=True, objective=arguments.objective_for(args, rm),
         )  # fmt: skip
         r = results[reward_label(kind)]
         print(
             f"  {reward_label(kind)}: {time.perf_counter() - t1:.1f} s, {r.meta['n_trained']:,} trained "
             f"parameters, training rewards r+ {r.train_chosen_reward.round(4).tolist()}, "
-            f"r− {r.train_rejected_reward.round(4).tolist()}, g {r.bt_weight.round(4).tolist()}"
+            f"r− {r.train_rejected_reward.round(4).tolist()}, w {r.bt_weight.round(4).tolist()}"
         )
     print("\n".join(table(results, pairs)))
     data = {
@@ -120,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
             "params": spec,
             "method": args.method,
             "optimizer": args.optimizer,
+            "objective": args.objective,
+            "gamma": args.gamma,
+            "label_smoothing": args.label_smoothing,
             "beta": args.beta,
             "seed": args.seed,
             "chunk_size": chunk,
