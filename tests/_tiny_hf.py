@@ -17,10 +17,11 @@ D, LAYERS, HEADS, KV_HEADS, HEAD_DIM, FF = 16, 2, 4, 2, 4, 24
 
 
 @functools.cache
-def tiny_hf_dir(root: Path) -> Path:
-    """Writes the model into `root` (once per process) and returns it: config.json, model.safetensors, tokenizer.
+def tiny_hf_dir(root: Path, seed: int = 0) -> Path:
+    """Writes the model into `root` (once per process and seed) and returns it: config.json, model.safetensors,
+    tokenizer.
 
-    Matrices are N(0, 0.4²) (as `--tiny`'s N(0, 0.02²)·20), norms 1; tied embeddings.
+    Matrices are N(0, 0.4²) (as `--tiny`'s N(0, 0.02²)·20) drawn from `seed`, norms 1; tied embeddings.
     """
     from safetensors.numpy import save_file
 
@@ -29,7 +30,7 @@ def tiny_hf_dir(root: Path) -> Path:
 
     tok = load_tokenizer(default_model_path())
     V = tok.vocab_size
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
 
     def w(*shape):
         return (0.4 * rng.standard_normal(shape)).astype(np.float32)

@@ -248,11 +248,7 @@ def contribution_matrix(
                 rm, train_tree, frozen, k=int(project), seed=seed, block=block, mesh=mesh, progress=bar
             )
         inner = inner_matrix(features, evalset, train, block)
-    if reference_is_policy(rm, params):  # an IM-RM at π_θ = π_ref: every reward is 0, no forward pass needed
-        r_plus = r_minus = np.zeros(train.batch_size)
-    else:
-        r_plus, r_minus = batch_rewards(rm, params, train.chosen), batch_rewards(rm, params, train.rejected)
-    w = np.asarray(objective_weight(objective, jnp.asarray(r_plus), jnp.asarray(r_minus)), np.float64)
+    r_plus, r_minus, w = _training_weights(rm, params, train, objective)
     meta = {
         "reward": reward_name(rm),
         "beta": getattr(rm, "beta", None),
@@ -278,6 +274,16 @@ def contribution_matrix(
         train_rejected_reward=r_minus,
         meta=meta,
     )
+
+
+def _training_weights(rm: RewardModel, params, train: PreferenceBatch, objective: Objective | None):
+    """(r+ [N], r− [N], w [N]) before the step, float64; w the objective's per-pair weight (docs/math.md §11)."""
+    if reference_is_policy(rm, params):  # an IM-RM at π_θ = π_ref: every reward is 0, no forward pass needed
+        r_plus = r_minus = np.zeros(train.batch_size)
+    else:
+        r_plus, r_minus = batch_rewards(rm, params, train.chosen), batch_rewards(rm, params, train.rejected)
+    w = np.asarray(objective_weight(objective, jnp.asarray(r_plus), jnp.asarray(r_minus)), np.float64)
+    return r_plus, r_minus, w
 
 
 def batch_rewards(rm: RewardModel, params, batch, chunk: int = 16) -> np.ndarray:

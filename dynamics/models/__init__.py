@@ -14,7 +14,7 @@ from dynamics.errors import ModelError
 from dynamics.models.config import SUPPORTED_FAMILIES, DecoderConfig, config_from_hf
 from dynamics.models.decoder import LM, Params, cast_params, resize_vocab, unembedding, untie
 from dynamics.models.gguf_loader import DEFAULT_MODEL_NAME, GGUF_ARCHITECTURES, default_model_path, load_gguf
-from dynamics.models.hf import load_hf_directory, params_from_state_dict
+from dynamics.models.hf import load_hf_directory, params_from_state_dict, read_score_head
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -30,6 +30,7 @@ __all__ = [
     "load_hf_directory",
     "load_model",
     "params_from_state_dict",
+    "read_score_head",
     "resize_vocab",
     "resolve_model_source",
     "unembedding",

@@ -17,7 +17,7 @@ import numpy as np
 from dynamics.errors import ModelError, RmdynError
 from dynamics.models.config import DecoderConfig, config_from_hf, read_hf_config
 
-__all__ = ["load_hf_directory", "params_from_state_dict"]
+__all__ = ["SCORE_HEAD", "load_hf_directory", "params_from_state_dict", "read_score_head"]
 
 Params = dict[str, Any]
 
@@ -177,12 +177,41 @@ def params_from_state_dict(
         if not src.has(head_name, top=True):
             raise ModelError(f"{where}: config says untied embeddings but {head_name!r} is missing")
         params["lm_head"] = {"w": src(head_name, top=True)}
-    leftovers = [k for k in tensors if k not in src.used and not k.endswith(_IGNORED_SUFFIXES)]
+    # a sequence-classification checkpoint's reward head (`read_score_head`) is not part of the decoder
+    leftovers = [k for k in tensors if k not in src.used and not k.endswith(_IGNORED_SUFFIXES) and k != SCORE_HEAD]
     if c.tie_embeddings and head_name in leftovers:
         leftovers.remove(head_name)  # a saved copy of the tied matrix
     if leftovers:
         raise ModelError(f"{where}: {len(leftovers)} tensors were not used, e.g. {leftovers[:5]}")
     return _map_leaves(params, cast)
+
+
+#: The tensor name of the linear head of transformers' *ForSequenceClassification models ([num_labels, D]).
+SCORE_HEAD = "score.weight"
+
+
+def read_score_head(directory: str, d_model: int) -> np.ndarray | None:
+    """The reward head u [D] (float32) of a sequence-classification checkpoint (transformers'
+    *ForSequenceClassification with num_labels = 1, as TRL's RewardTrainer saves it), or None without one.
+
+    Its reward is ⟨u, h⟩ at the last non-pad token, the EX-RM of docs/math.md §1 with u = score.weight[0].
+
+    Raises:
+      ModelError: a score head with more than one label, or whose width is not the model's d_model.
+    """
+    from safetensors import safe_open
+
+    for path in _safetensors_files(directory):
+        with safe_open(path, framework="numpy") as fh:
+            if SCORE_HEAD in fh.keys():
+                w = np.asarray(fh.get_tensor(SCORE_HEAD), np.float32)
+                if w.ndim != 2 or w.shape != (1, d_model):
+                    raise ModelError(
+                        f"{path}: {SCORE_HEAD} has shape {tuple(w.shape)}; a reward head is [1, d_model = {d_model}] "
+                        "(num_labels = 1)"
+                    )
+                return w[0]
+    return None
 
 
 def _map_leaves(tree, fn):

@@ -49,10 +49,16 @@ REWARD_CHOICES = ("ex", "im", "both")
 # ----------------------------------------------------------------------------------------------------------
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, *, head_seed: bool = True) -> None:
-    """--model, --beta, --seed and the hidden --tiny (a tiny random LM with the default tokenizer, for tests)."""
+def add_model_arguments(parser: argparse.ArgumentParser, *, head_seed: bool = True, ref: bool = True) -> None:
+    """--model, --ref, --beta, --seed and the hidden --tiny (a tiny random LM with the default tokenizer, for tests)."""
     parser.add_argument("--model", default=None, metavar="PATH",
-                        help="HF directory or .gguf file (default: SmolLM2-135M-Instruct)")  # fmt: skip
+                        help="HF directory or .gguf file (default: SmolLM2-135M-Instruct); with --ref, the policy "
+                             "π_θ of a DPO run")  # fmt: skip
+    if ref:
+        parser.add_argument("--ref", default=None, metavar="PATH",
+                            help="the IM-RM's reference π_ref (HF directory or .gguf) when it is not --model "
+                                 "itself, e.g. the SFT model a DPO policy started from; same architecture and "
+                                 "tokenizer")  # fmt: skip
     parser.add_argument("--beta", type=float, default=DEFAULT_BETA, help=f"IM-RM β (default {DEFAULT_BETA})")
     if head_seed:
         parser.add_argument("--seed", type=int, default=0, help="seed of the EX-RM head's random init (default 0)")

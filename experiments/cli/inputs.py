@@ -98,4 +98,12 @@ def load_model(args: argparse.Namespace) -> Any:
         return tiny_loaded()
     from dynamics.loading import load
 
-    return load(args.model)
+    loaded = load(args.model)
+    if getattr(args, "ref", None):
+        from dynamics.errors import ModelError
+
+        try:
+            loaded = loaded.with_reference(args.ref)
+        except ModelError as err:
+            raise ModelError(f"--ref {args.ref}: {err}") from None
+    return loaded

@@ -55,13 +55,20 @@ def tiny_loaded() -> Any:
 
 
 def reward_model(kind: str, loaded: Any, *, beta: float = DEFAULT_BETA, seed: int = 0) -> tuple[Any, Any]:
-    """(reward model, params) of kind "ex" (head u ~ N(0, 0.02²) from `seed`) or "im" (π_ref = the model)."""
+    """(reward model, params) of kind "ex" (head u ~ N(0, 0.02²) from `seed`, or the checkpoint's own score head)
+    or "im" (π_ref = the model, or the reference checkpoint of `loaded.with_reference`)."""
+    import jax.numpy as jnp
+
     from dynamics.rewards import ExplicitRM, make_reward_model
 
     rm = make_reward_model(kind, loaded.lm, beta=beta)
     if isinstance(rm, ExplicitRM):
-        return rm, rm.init(loaded.params, seed)
-    return rm, rm.init(loaded.params)
+        params = rm.init(loaded.params, seed)
+        score = getattr(loaded, "score_head", None)
+        if score is not None:  # a trained reward model (sequence-classification checkpoint): its own head
+            params["head"]["u"] = jnp.asarray(score, params["head"]["u"].dtype)
+        return rm, params
+    return rm, rm.init(loaded.params, getattr(loaded, "ref_params", None))
 
 
 def row_name(row: Any) -> str:

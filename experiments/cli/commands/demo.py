@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
                         help=f"learning rate η (default {arguments.DEFAULT_LR:g})")  # fmt: skip
     parser.add_argument("--chunk-size", type=int, default=8, help="unseen pairs per JVP batch (default 8)")
     parser.add_argument("--no-closed-form", action="store_true", help="skip the Assumption-1 closed forms")
-    arguments.add_model_arguments(parser)
+    arguments.add_model_arguments(parser, ref=False)
     parser.add_argument("--out", default="rmdyn-demo", help="output directory (default ./rmdyn-demo)")
     parser.set_defaults(func=run)
 
