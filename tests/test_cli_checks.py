@@ -149,7 +149,10 @@ CASES = {
         ["attribute", "--bundled", "persona", "--train", "{good}", "--out", "{tmp}/o"],
         ["--bundled replaces --train and --eval"],
     ),
-    "delta --objective unknown": (["delta", "--objective", "orpo", "--out", "{tmp}/o"], ["unknown objective 'orpo'; expected one of dpo, cdpo, ipo, hinge, simpo"]),
+    "delta --objective unknown": (
+        ["delta", "--objective", "orpo", "--out", "{tmp}/o"],
+        ["unknown objective 'orpo'; expected one of dpo, cdpo, ipo, hinge, simpo"],
+    ),
     "delta --gamma negative": (
         ["delta", "--objective", "simpo", "--gamma", "-1", "--out", "{tmp}/o"],
         ["--objective / --gamma / --label-smoothing", "γ must be ≥ 0, got -1.0"],
@@ -161,6 +164,15 @@ CASES = {
     "attribute --label-smoothing": (
         ["attribute", "--bundled", "persona", "--objective", "cdpo", "--label-smoothing", "0.7", "--out", "{tmp}/o"],
         ["label smoothing ε must be in [0, 0.5), got 0.7"],
+    ),
+    "displacement --lr": (["displacement", "--lr", "0", "--out", "{tmp}/o"], ["--lr must be a finite number > 0"]),
+    "displacement --params head": (
+        ["displacement", "--params", "head", "--out", "{tmp}/o"],
+        ["--params", "the IM-RM has no head"],
+    ),
+    "displacement --train": (
+        ["displacement", "--train", "{tmp}/no.jsonl", "--out", "{tmp}/o"],
+        ["--train {tmp}/no.jsonl: no such file"],
     ),
     "footnote3 trait": (
         ["footnote3", "--set", "trait=bogus", "--out", "{tmp}/o"],

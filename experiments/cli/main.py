@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "delta",
     "rho",
     "attribute",
+    "displacement",
     "check_step",
     "demo",
     "footnote3",
