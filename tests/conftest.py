@@ -43,6 +43,22 @@ def require(module_name: str, reason: str | None = None):
 
 
 @pytest.fixture
+def default_sigint():
+    """SIGINT handled by Python's default handler for one test, the previous handler restored afterwards.
+
+    A shell that starts a command in the background (`cmd &` without job control) starts it with SIGINT ignored;
+    a test that sends itself SIGINT, or asks `_thread.interrupt_main` to, then sees nothing happen.
+    """
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
 def x64():
     """Enable float64 for one test, and restore the previous setting afterwards."""
     previous = jax.config.jax_enable_x64

@@ -118,7 +118,7 @@ def test_experiment_interrupted_mid_training_leaves_only_whole_files(tiny_dir, t
             [json.loads(line) for line in path.read_text("utf-8").splitlines()]
 
 
-def test_a_dropped_interrupt_is_raised_again_in_the_main_thread():
+def test_a_dropped_interrupt_is_raised_again_in_the_main_thread(default_sigint):
     """The unraisable hook turns a KeyboardInterrupt the interpreter dropped (here: raised in __del__) into a new
     one in the main thread; any other unraisable exception goes to the previous hook."""
 

@@ -493,7 +493,7 @@ def test_final_metrics_hook_adds_to_the_final_evaluation(tiny, tmp_path):
         train(config, lm, params, train_set, suite, final_metrics=lambda p: {"train/loss": 1.0}, progress=False)
 
 
-def test_ctrl_c_is_held_back_inside_a_state_update():
+def test_ctrl_c_is_held_back_inside_a_state_update(default_sigint):
     from dynamics.training import deferred_interrupt
 
     done = []
