@@ -272,6 +272,13 @@ def test_cli_help_spells_the_mask_grammar():
     assert arguments.PARAMS_HELP == SPEC_HELP
 
 
+def test_cli_spells_the_objective_names():
+    from dynamics.objectives import OBJECTIVES
+    from experiments.cli import arguments
+
+    assert arguments.OBJECTIVE_NAMES == OBJECTIVES
+
+
 def test_rmdyn_surface():
     import rmdyn
 

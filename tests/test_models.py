@@ -74,6 +74,39 @@ def _tiny(family: str, **over):
             **common,
         )
         cls = transformers.Gemma2ForCausalLM
+    elif family == "qwen3":
+        cfg = transformers.Qwen3Config(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,  # not hidden_size / heads: the per-head q/k norms have H weights
+            attention_bias=over.pop("bias", False),
+            **common,
+        )
+        cls = transformers.Qwen3ForCausalLM
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(
+            num_attention_heads=4, num_key_value_heads=2, sliding_window=4, rope_theta=500.0, **common
+        )  # the window is shorter than the sequences: it matters
+        cls = transformers.MistralForCausalLM
+    elif family == "olmo2":
+        cfg = transformers.Olmo2Config(num_attention_heads=4, num_key_value_heads=2, eos_token_id=2, **common)
+        cls = transformers.Olmo2ForCausalLM
+    elif family == "gemma3":
+        caps = over.pop("caps", False)
+        cfg = transformers.Gemma3TextConfig(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=4,  # shorter than the sequences: the window matters
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_theta=300.0,  # global layers, scaled linearly
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+            rope_local_base_freq=50.0,  # local layers
+            final_logit_softcapping=3.0 if caps else None,  # null in Gemma 3; applied only when set
+            **common,
+        )
+        cls = transformers.Gemma3ForCausalLM
     else:
         raise ValueError(family)
     cfg._attn_implementation = "eager"
@@ -121,6 +154,12 @@ FAMILIES = [
     ("gpt_neox", {}),
     ("gpt_neox", {"parallel": False}),
     ("gemma2", {}),
+    ("qwen3", {}),
+    ("qwen3", {"bias": True}),
+    ("mistral", {}),
+    ("olmo2", {}),
+    ("gemma3", {}),
+    ("gemma3", {"caps": True}),
 ]
 
 
@@ -139,7 +178,7 @@ def test_logits_match_transformers_float32(family, over, padding_side):
     assert np.ptp(ref[real]) > 0.5
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "gemma2", "qwen3", "mistral", "olmo2", "gemma3"])
 def test_safetensors_directory_roundtrip(family, tmp_path):
     """save_pretrained → our loader gives the same logits as the state-dict mapping."""
     model = _tiny(family)
@@ -183,7 +222,8 @@ def test_padding_side_and_amount_do_not_change_hidden_states():
 
 def test_unknown_architecture_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
-    with pytest.raises(ModelError, match=r"unsupported architecture.*mamba.*llama.*qwen2.*gpt_neox.*gemma2"):
+    listing = r"llama.*qwen2.*qwen3.*mistral.*olmo2.*gpt_neox.*gemma2.*gemma3_text"
+    with pytest.raises(ModelError, match=r"unsupported architecture.*mamba.*" + listing):
         load_model(str(tmp_path))
 
 

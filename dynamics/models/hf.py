@@ -15,13 +15,24 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ModelError, RmdynError
-from dynamics.models.config import DecoderConfig, config_from_hf, read_hf_config
+from dynamics.models.config import DecoderConfig
+from dynamics.models.hf_config import config_from_hf, read_hf_config
 
 __all__ = ["SCORE_HEAD", "load_hf_directory", "params_from_state_dict", "read_score_head"]
 
 Params = dict[str, Any]
 
-_PREFIXES = {"llama": "model.", "qwen2": "model.", "gemma2": "model.", "gpt_neox": "gpt_neox."}
+#: The prefix of every decoder tensor's name (not of the LM head's), per family.
+_PREFIXES = {
+    "llama": "model.",
+    "qwen2": "model.",
+    "qwen3": "model.",
+    "mistral": "model.",
+    "olmo2": "model.",
+    "gemma2": "model.",
+    "gemma3": "model.",
+    "gpt_neox": "gpt_neox.",
+}
 
 
 class _Source:
@@ -61,9 +72,9 @@ def _norm(src: _Source, name: str, config: DecoderConfig) -> dict[str, np.ndarra
     return out
 
 
-def _llama_like_layer(src: _Source, i: int, c: DecoderConfig) -> Params:
-    p = f"layers.{i}."
-    D, N, K, H, F = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff
+def _llama_like_attention(src: _Source, p: str, c: DecoderConfig) -> Params:
+    """attn/{q,k,v,o} (with biases when the family has them) and attn/{q,k}_norm, from `{p}self_attn.*`."""
+    N, K, H = c.n_heads, c.n_kv_heads, c.head_dim
 
     def proj(name, heads):
         out = {"w": _linear_in(src(f"{p}self_attn.{name}_proj.weight"), heads, H)}
@@ -71,27 +82,42 @@ def _llama_like_layer(src: _Source, i: int, c: DecoderConfig) -> Params:
             out["b"] = src(f"{p}self_attn.{name}_proj.bias").reshape(heads, H)
         return out
 
+    attn = {"q": proj("q", N), "k": proj("k", K), "v": proj("v", K)}
+    attn["o"] = {"w": _linear_out(src(f"{p}self_attn.o_proj.weight"), N, H)}
+    if c.attn_out_bias:
+        attn["o"]["b"] = src(f"{p}self_attn.o_proj.bias")
+    if c.qk_norm is not None:  # [H] per head (Qwen3, Gemma 3) or [N·H], [K·H] over the projection (OLMo 2)
+        sizes = (H, H) if c.qk_norm == "head" else (N * H, K * H)
+        for name, size in zip(("q_norm", "k_norm"), sizes, strict=True):
+            attn[name] = _norm(src, f"{p}self_attn.{name}", c)
+            if attn[name]["scale"].shape != (size,):
+                raise ValueError(f"{p}self_attn.{name}.weight has shape {attn[name]['scale'].shape}, not ({size},)")
+    return attn
+
+
+def _llama_like_layer(src: _Source, i: int, c: DecoderConfig) -> Params:
+    p = f"layers.{i}."
+    D, N, H, F = c.d_model, c.n_heads, c.head_dim, c.d_ff
     layer = {
-        "attn_norm": _norm(src, f"{p}input_layernorm", c),
-        "attn": {
-            "q": proj("q", N),
-            "k": proj("k", K),
-            "v": proj("v", K),
-            "o": {"w": _linear_out(src(f"{p}self_attn.o_proj.weight"), N, H)},
-        },
+        "attn": _llama_like_attention(src, p, c),
         "mlp": {
             "gate": {"w": src(f"{p}mlp.gate_proj.weight").T},
             "up": {"w": src(f"{p}mlp.up_proj.weight").T},
             "down": {"w": src(f"{p}mlp.down_proj.weight").T},
         },
     }
-    if c.post_norms:  # Gemma 2: post_attention_layernorm is the post-norm, pre_feedforward the MLP's pre-norm
+    if c.pre_norms:
+        layer["attn_norm"] = _norm(src, f"{p}input_layernorm", c)
+    if c.post_norms:  # Gemma 2/3, OLMo 2: post_attention_layernorm is the attention's post-norm
         layer["post_attn_norm"] = _norm(src, f"{p}post_attention_layernorm", c)
-        layer["mlp_norm"] = _norm(src, f"{p}pre_feedforward_layernorm", c)
         layer["post_mlp_norm"] = _norm(src, f"{p}post_feedforward_layernorm", c)
+        if c.pre_norms:  # Gemma: pre_feedforward_layernorm is the MLP's pre-norm
+            layer["mlp_norm"] = _norm(src, f"{p}pre_feedforward_layernorm", c)
     else:
         layer["mlp_norm"] = _norm(src, f"{p}post_attention_layernorm", c)
     assert layer["attn"]["q"]["w"].shape == (D, N, H) and layer["mlp"]["gate"]["w"].shape == (D, F)
+    for name in ("attn_norm", "mlp_norm", "post_attn_norm", "post_mlp_norm"):
+        assert name not in layer or layer[name]["scale"].shape == (D,), name
     return layer
 
 

@@ -89,12 +89,16 @@ class Einsum(nn.Module):
 
 
 class Norm(nn.Module):
-    """RMSNorm (Llama, Qwen2; Gemma's with scale 1 + w) or LayerNorm with bias (GPT-NeoX), over D."""
+    """RMSNorm (Llama, Qwen, Mistral, OLMo 2; Gemma's with scale 1 + w) or LayerNorm with bias (GPT-NeoX).
+
+    Normalizes over the last axis, whatever its size: D for the residual stream, H for Qwen3's and Gemma 3's
+    per-head q/k norms, N·H or K·H for OLMo 2's q/k norms. The scale has that size.
+    """
 
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+    def __call__(self, x: Float[Array, "... D"]) -> Float[Array, "... D"]:
         c = self.config
         D = x.shape[-1]
         xf = _upcast(x)
@@ -110,14 +114,22 @@ class Norm(nn.Module):
         y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + c.norm_eps)
         if c.norm_plus_one:  # Gemma: (x̂ · (1 + w)) in float32, then cast
             return (y * _lead(1.0 + _upcast(scale), y)).astype(x.dtype)
+        if c.norm_scale_in_float32:  # OLMo 2: (w · x̂) in float32, then cast
+            return (_lead(_upcast(scale), y) * y).astype(x.dtype)
         return _lead(scale.astype(x.dtype), y) * y.astype(x.dtype)  # Llama: cast x̂ first, then scale
 
 
-def rope_inv_freq(config: DecoderConfig) -> np.ndarray:
-    """Inverse frequencies θ^{-2i/R}, i < R/2, R = rotary_dim, with Llama-3 or linear scaling applied."""
+def rope_inv_freq(config: DecoderConfig, local: bool = False) -> np.ndarray:
+    """Inverse frequencies θ^{-2i/R}, i < R/2, R = rotary_dim, in radians per token (float64 [R/2]).
+
+    With Llama-3 or linear scaling applied; `local=True` gives the "sliding" layers' frequencies, which differ
+    when the config has a local base (`rope_local_theta`, Gemma 3: that base, unscaled).
+    """
     R = config.rotary_dim
-    inv = 1.0 / (config.rope_theta ** (np.arange(0, R, 2, dtype=np.float64) / R))
-    scaling = config.rope_scaling
+    local = local and config.rope_local_theta is not None
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv = 1.0 / (theta ** (np.arange(0, R, 2, dtype=np.float64) / R))
+    scaling = None if local else config.rope_scaling
     if scaling and scaling["rope_type"] == "llama3":
         inv = llama3_inv_freq(inv, scaling)
     elif scaling and scaling["rope_type"] == "linear":
@@ -126,11 +138,14 @@ def rope_inv_freq(config: DecoderConfig) -> np.ndarray:
 
 
 def rope_angles(
-    config: DecoderConfig, positions: Int[Array, "B T"], dtype
+    config: DecoderConfig, positions: Int[Array, "B T"], dtype, local: bool = False
 ) -> tuple[Float[Array, "B T R"], Float[Array, "B T R"]]:
-    """cos and sin of the rotary angles at each position, duplicated over both halves (HF's rotate_half layout)."""
+    """cos and sin of the rotary angles at each position, duplicated over both halves (HF's rotate_half layout).
+
+    In at least float32. `local=True`: the "sliding" layers' angles (`rope_inv_freq`).
+    """
     angle_dtype = jnp.promote_types(dtype, jnp.float32)
-    inv = jnp.asarray(rope_inv_freq(config), dtype=angle_dtype)
+    inv = jnp.asarray(rope_inv_freq(config, local), dtype=angle_dtype)
     ang = positions.astype(angle_dtype)[..., None] * inv[None, None, :]  # [B, T, R/2]
     ang = jnp.concatenate([ang, ang], axis=-1)
     return jnp.cos(ang), jnp.sin(ang)
@@ -148,7 +163,11 @@ def apply_rope(x: Float[Array, "B T n H"], cos: Array, sin: Array) -> Float[Arra
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE, optional logit soft-cap (Gemma 2) and a given boolean mask."""
+    """Grouped-query self-attention with RoPE and a given boolean mask [B, T, S] (query t may read key s).
+
+    Family options: biases, q/k RMSNorm before RoPE (per head: Qwen3, Gemma 3; over the whole projection:
+    OLMo 2), the query scale (Gemma's query_pre_attn_scalar) and the logit soft-cap (Gemma 2).
+    """
 
     config: DecoderConfig
 
@@ -166,8 +185,13 @@ class Attention(nn.Module):
         q = Einsum("BTD,DNH->BTNH", (D, N, H), (N, H) if c.qkv_bias else None, name="q")(x)
         k = Einsum("BSD,DKH->BSKH", (D, K, H), (K, H) if c.qkv_bias else None, name="k")(x)
         v = Einsum("BSD,DKH->BSKH", (D, K, H), (K, H) if c.qkv_bias else None, name="v")(x)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         B, T = x.shape[:2]
+        if c.qk_norm == "head":  # over H, one weight shared by all heads
+            q, k = Norm(c, name="q_norm")(q), Norm(c, name="k_norm")(k)
+        elif c.qk_norm == "all":  # over the whole projection, N·H (q) or K·H (k)
+            q = Norm(c, name="q_norm")(q.reshape(B, T, N * H)).reshape(B, T, N, H)
+            k = Norm(c, name="k_norm")(k.reshape(B, T, K * H)).reshape(B, T, K, H)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # heads-major layout for the two batched matmuls (measured 10 % faster backward on CPU than BTKGH)
         q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
@@ -179,7 +203,7 @@ class Attention(nn.Module):
         logits = jnp.where(mask[:, None, None, :, :], logits, big_neg)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-        return Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if c.out_bias else None, name="o")(out)
+        return Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if c.attn_out_bias else None, name="o")(out)
 
 
 def _activation(name: str, x: Array) -> Array:
@@ -193,7 +217,7 @@ def _activation(name: str, x: Array) -> Array:
 
 
 class MLP(nn.Module):
-    """Gated MLP down(act(gate(x)) ⊙ up(x)) (Llama, Qwen2, Gemma 2) or plain down(act(up(x))) (GPT-NeoX)."""
+    """Gated MLP down(act(gate(x)) ⊙ up(x)) (every family but GPT-NeoX) or plain down(act(up(x))) (GPT-NeoX)."""
 
     config: DecoderConfig
 
@@ -212,7 +236,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer block: sequential (pre-norm, Gemma's extra post-norms) or parallel residual (NeoX)."""
+    """One transformer block: sequential residual or parallel residual (NeoX).
+
+    Sequential: x + post(attn(pre(x))), then the same for the MLP, where pre is the input norm (absent in
+    OLMo 2) and post the output norm (Gemma 2/3 and OLMo 2; the identity elsewhere).
+    """
 
     config: DecoderConfig
     sliding: bool = False
@@ -226,11 +254,11 @@ class Block(nn.Module):
             a = attn(Norm(c, name="attn_norm")(x), cos, sin, mask)
             m = mlp(Norm(c, name="mlp_norm")(x))
             return x + a + m
-        a = attn(Norm(c, name="attn_norm")(x), cos, sin, mask)
+        a = attn(Norm(c, name="attn_norm")(x) if c.pre_norms else x, cos, sin, mask)
         if c.post_norms:
             a = Norm(c, name="post_attn_norm")(a)
         x = x + a
-        m = mlp(Norm(c, name="mlp_norm")(x))
+        m = mlp(Norm(c, name="mlp_norm")(x) if c.pre_norms else x)
         if c.post_norms:
             m = Norm(c, name="post_mlp_norm")(m)
         return x + m

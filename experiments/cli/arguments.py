@@ -17,6 +17,7 @@ from experiments.studies.one_step import DEFAULT_BETA
 
 __all__ = [
     "DEFAULT_LR",
+    "OBJECTIVE_NAMES",
     "PARAMS_HELP",
     "REWARD_CHOICES",
     "add_model_arguments",
@@ -39,6 +40,9 @@ __all__ = [
 # dynamics.mask_spec.SPEC_HELP, spelled out so that building the parser imports nothing from dynamics (a test
 # checks that the two agree)
 PARAMS_HELP = "head | unembed | output | last:K | all | re:PATTERN"
+
+# dynamics.objectives.OBJECTIVES, spelled out for the same reason (a test checks that the two agree)
+OBJECTIVE_NAMES = ("dpo", "cdpo", "ipo", "hinge", "simpo")
 
 DEFAULT_LR = 1e-3  # all-parameter SGD on SmolLM2-135M: |Δr_EX| ≈ 0.01–0.2, |Δr_IM| ≈ 1e-4–3e-3 (β·nats): first order
 REWARD_CHOICES = ("ex", "im", "both")
@@ -120,9 +124,7 @@ def add_reward_arguments(parser: argparse.ArgumentParser, *, method: bool = True
 
 def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
     """--objective, --gamma, --label-smoothing (the DPO family, `dynamics.objectives`)."""
-    from dynamics.objectives import OBJECTIVES  # pure Python
-
-    parser.add_argument("--objective", default="dpo", metavar="|".join(OBJECTIVES),
+    parser.add_argument("--objective", default="dpo", metavar="|".join(OBJECTIVE_NAMES),
                         help="the training objective: dpo (Bradley-Terry), cdpo, ipo, hinge or simpo (reference-free, "
                              "length-normalised IM-RM) (default dpo)")  # fmt: skip
     parser.add_argument("--gamma", type=float, default=0.0, help="SimPO's target margin γ ≥ 0 (default 0)")

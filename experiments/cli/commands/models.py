@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     print("Supported families (config.json model_type → models):")
     for key, (_, desc) in SUPPORTED_FAMILIES.items():
-        print(f"  {key:<9} {desc}")
+        print(f"  {key:<11} {desc}")
     print()
     print("Sources: a local Hugging Face directory (config.json + *.safetensors + tokenizer.json), or a GGUF file")
     print(f"  (GGUF architectures: {', '.join(sorted(GGUF_ARCHITECTURES))}; dequantized to float32).")
