@@ -40,6 +40,7 @@ from dynamics.kernels import dot_rows, im_kernel_matrix, im_prediction_arrays_ji
 from dynamics.masks import combine, count_selected, partition, prepare, trainable_mask
 from dynamics.models import unembedding
 from dynamics.objectives import Objective, objective_weight, reward_model
+from dynamics.pair_gradient import TRAIN_CHUNK, first_update, loss_gradient
 from dynamics.reward_types import reward_label
 from dynamics.rewards import ExplicitRM, GenerativeRM, ImplicitRM, RewardModel
 
@@ -269,7 +270,10 @@ def _ntk(
     from tqdm.auto import tqdm
 
     train_tree, frozen = partition(params, mask)
-    update = _unit_update_jit(rm, train_tree, frozen, strip(train), optimizer, objective)
+    if train.batch_size <= TRAIN_CHUNK:
+        update = _unit_update_jit(rm, train_tree, frozen, strip(train), optimizer, objective)
+    else:  # one backward pass per chunk of pairs: memory does not grow with B
+        update = first_update(loss_gradient(rm, train_tree, frozen, train, objective), optimizer, train_tree)
     directions = [jax.tree.map(lambda x: x[None], update)]
     if decompose:
         directions.append(_response_gradients_jit(rm, train_tree, frozen, strip(train)))

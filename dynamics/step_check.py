@@ -31,6 +31,7 @@ from dynamics.delta import (
 from dynamics.errors import ConfigError
 from dynamics.masks import combine, partition, prepare, trainable_mask
 from dynamics.objectives import Objective, reward_model
+from dynamics.pair_gradient import TRAIN_CHUNK, first_update, loss_gradient
 from dynamics.rewards import RewardModel
 
 __all__ = ["StepCheckResult", "check_step", "loglog_slope", "make_optimizer", "real_step", "real_step_jit"]
@@ -216,8 +217,12 @@ def check_step(
     before = np.concatenate([np.asarray(_rewards_jit(rm, train_tree, frozen, c))[:k] for c, k in chunks])
     dtype = jax.tree.leaves(train_tree)[0].dtype
     actual = []
+    grads = None if train.batch_size <= TRAIN_CHUNK else loss_gradient(rm, train_tree, frozen, t, objective)
     for lr in tqdm(lrs, desc="real steps", disable=not progress, leave=False):
-        new_tree = real_step_jit(rm, train_tree, frozen, t, jnp.asarray(lr, dtype), optimizer, objective)
+        if grads is None:
+            new_tree = real_step_jit(rm, train_tree, frozen, t, jnp.asarray(lr, dtype), optimizer, objective)
+        else:  # a large batch: its gradient accumulated over chunks of pairs, then the optimizer's first step
+            new_tree = optax.apply_updates(train_tree, first_update(grads, optimizer, train_tree, float(lr)))
         after = np.concatenate([np.asarray(_rewards_jit(rm, new_tree, frozen, c))[:k] for c, k in chunks])
         actual.append(after.astype(np.float64) - before.astype(np.float64))
     meta = {

@@ -238,3 +238,26 @@ def test_im_rewards_at_initialisation_are_exact_ties():
     expected = 0.1 * 0.5 * np.asarray(along, np.float64)
     assert np.abs(expected).max() > 1e-4
     np.testing.assert_allclose(res.delta, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_batch_larger_than_a_chunk_accumulates_its_gradient(x64, optimizer):
+    """B = 11 > TRAIN_CHUNK: the step's gradient is summed over chunks of pairs (dynamics.pair_gradient); the
+    update equals the whole-batch one, and the prediction against real steps stays first order."""
+    from dynamics.chunking import strip
+    from dynamics.delta import unit_update
+    from dynamics.masks import partition, prepare, trainable_mask
+    from dynamics.pair_gradient import TRAIN_CHUNK, first_update, loss_gradient
+
+    lm, params, train, unseen = _setup(n_train=11, seed=2)
+    assert train.batch_size > TRAIN_CHUNK
+    rm, p = _rm("im", lm, params)
+    rm2, p2, spec = prepare(rm, p, "last:1")
+    tr, frozen = partition(p2, trainable_mask(rm2, p2, spec))
+    whole = unit_update(rm2, tr, frozen, strip(train), optimizer)
+    chunked = first_update(loss_gradient(rm2, tr, frozen, train, chunk=4), optimizer, tr)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-10, atol=1e-14)
+    res = check_step(rm, p, train, unseen, lrs=np.logspace(-5, -2, 7), params_spec="last:1", optimizer=optimizer)
+    s = res.residual_slope()
+    assert 1.8 <= s["slope_of_max"] <= 2.2, s
