@@ -40,6 +40,7 @@ class Loaded:
       ref_source: where `ref_params` came from, or None.
       score_head: the reward head u [D] of a sequence-classification checkpoint (`read_score_head`: a reward
         model saved by transformers or TRL's RewardTrainer), or None; the EX-RM then starts from it.
+      adapter_source: the PEFT adapter applied (`with_adapter`), or None.
     """
 
     lm: LM
@@ -51,6 +52,16 @@ class Loaded:
     ref_params: Params | None = None
     ref_source: str | None = None
     score_head: np.ndarray | None = None
+    adapter_source: str | None = None
+
+    def with_adapter(self, directory: str) -> Loaded:
+        """This model with the PEFT LoRA adapter in `directory` applied (`dynamics.lora.load_peft_adapter`); its
+        reference, unless `with_reference` sets another, is the base model (the adapter's B factors at 0), as in
+        a DPO run with PEFT."""
+        from dynamics.lora import base_params, load_peft_adapter
+
+        lm, params = load_peft_adapter(self.lm, self.params, directory)
+        return dataclasses.replace(self, lm=lm, params=params, ref_params=base_params(params), adapter_source=directory)
 
     def with_reference(self, source: str, dtype: str = "float32") -> Loaded:
         """This model as the policy π_θ with π_ref loaded from `source` (`load_reference`)."""
@@ -76,6 +87,7 @@ class Loaded:
             "template_tokens_added": list(self.template_tokens_added),
             "reference": None if self.ref_source is None else portable_path(self.ref_source, start),
             "score_head": self.score_head is not None,
+            "adapter": None if self.adapter_source is None else portable_path(self.adapter_source, start),
         }
 
 
@@ -120,7 +132,8 @@ def load_reference(policy: Loaded, source: str, dtype: str = "float32") -> Param
         (the message names both sources and the first differences).
     """
     ref = load(source, dtype)
-    a, b = policy.lm.config, ref.lm.config
+    no_lora = {"lora_rank": 0, "lora_scale": 0.0, "lora_targets": ()}
+    a, b = dataclasses.replace(policy.lm.config, **no_lora), ref.lm.config
     diffs = [f.name for f in dataclasses.fields(a) if f.name != "name" and getattr(a, f.name) != getattr(b, f.name)]
     if diffs:
         shown = ", ".join(f"{k}={getattr(b, k)!r} (policy {getattr(a, k)!r})" for k in diffs[:4])
@@ -132,4 +145,8 @@ def load_reference(policy: Loaded, source: str, dtype: str = "float32") -> Param
             f"reference {ref.source}: its tokenizer differs from the policy's ({policy.source}): fingerprint "
             f"{ref.tokenizer.fingerprint} vs {policy.tokenizer.fingerprint}; an IM-RM needs both over one vocabulary"
         )
+    if policy.lm.config.lora_rank:  # the policy carries an adapter: the reference in its tree, with B = 0
+        from dynamics.lora import zero_factors_like
+
+        return zero_factors_like(ref.params, policy.params)
     return ref.params

@@ -1,6 +1,6 @@
 """The grammar of parameter selections (which parameters train), in pure Python: one parser for all callers.
 
-    head | unembed | output | last:K | all | re:PATTERN
+    head | unembed | output | last:K | lora | all | re:PATTERN
 
 `dynamics.masks` turns a checked spec into a pytree mask for a given reward model; the CLI checks a `--params`
 value with `check_spec` before JAX loads and prefixes the flag to the message. What needs the model (K ≤ its
@@ -16,7 +16,7 @@ from dynamics.errors import ConfigError
 
 __all__ = ["SPEC_HELP", "check_spec"]
 
-SPEC_HELP = "head | unembed | output | last:K | all | re:PATTERN"
+SPEC_HELP = "head | unembed | output | last:K | lora | all | re:PATTERN"
 
 
 def check_spec(spec: str) -> str:
@@ -29,7 +29,7 @@ def check_spec(spec: str) -> str:
     if not isinstance(spec, str):
         raise ConfigError(f"parameter selection must be a string ({SPEC_HELP}), got {spec!r}")
     spec = spec.strip()
-    if spec in ("head", "unembed", "output", "all"):
+    if spec in ("head", "unembed", "output", "lora", "all"):
         return spec
     if spec.startswith("re:"):
         pattern = spec[3:]

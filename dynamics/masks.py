@@ -125,6 +125,8 @@ def trainable_mask(rm: RewardModel, params: Params, spec: str) -> Mask:
             return bool(pattern.search(path))
         if spec == "all":
             return True
+        if spec == "lora":  # the LoRA factors (docs/math.md §13), and the EX-RM's head, which reads through them
+            return rest.endswith(("/lora_a", "/lora_b")) or group == "head"
         if spec == "head":
             return group == "head"
         if is_ex:
@@ -141,6 +143,11 @@ def trainable_mask(rm: RewardModel, params: Params, spec: str) -> Mask:
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     chosen = [select(_path_str(p)) for p, _ in flat]
+    if spec == "lora" and not any(_path_str(p).endswith(("/lora_a", "/lora_b")) for p, _ in flat):
+        raise ConfigError(
+            "parameter selection 'lora': this model has no LoRA factors (load a PEFT adapter, or call "
+            "dynamics.lora.add_lora)"
+        )
     if not any(chosen):
         raise ConfigError(f"parameter selection {spec!r} selects no parameter of this {kind}")
     if is_ex and spec.startswith("re:"):

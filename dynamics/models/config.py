@@ -30,7 +30,7 @@ from typing import Any, Literal, get_args
 
 from dynamics.errors import ModelError
 
-__all__ = ["FAMILIES", "SUPPORTED_FAMILIES", "DecoderConfig", "Family", "llama3_inv_freq"]
+__all__ = ["LORA_TARGETS", "FAMILIES", "SUPPORTED_FAMILIES", "DecoderConfig", "Family", "llama3_inv_freq"]
 
 Family = Literal["llama", "qwen2", "qwen3", "mistral", "olmo2", "gpt_neox", "gemma2", "gemma3"]
 
@@ -48,6 +48,10 @@ SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
     "gemma2": ("gemma2", "Gemma 2 (logit soft-capping, pre- and post-norms, √D embedding scale)"),
     "gemma3_text": ("gemma3", "Gemma 3 text (per-head q/k norms, sliding/full layers with local/global RoPE)"),
 }
+
+
+#: The projections LoRA can adapt, by our parameter names (attention q, k, v, o; MLP gate, up, down).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +87,10 @@ class DecoderConfig:
       rope_local_theta: RoPE base of the "sliding" layers, which then rotate without `rope_scaling` (Gemma 3's
         local base, `rope_local_base_freq`); None: every layer has the same RoPE.
       name: a human-readable model name.
+      lora_rank: r > 0 adds LoRA factors to the projections named in `lora_targets` (`dynamics.lora`): each
+        W gains s·B·A, A [in, r] and B [r, out] as parameters `lora_a`, `lora_b` beside `w`; 0: no LoRA.
+      lora_scale: s, PEFT's lora_alpha / r (or lora_alpha / √r with rsLoRA).
+      lora_targets: our projection names: q, k, v, o (attention), gate, up, down (MLP).
     """
 
     family: Family
@@ -108,6 +116,9 @@ class DecoderConfig:
     attention_bias: bool = False
     rope_local_theta: float | None = None
     name: str = ""
+    lora_rank: int = 0
+    lora_scale: float = 0.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -125,6 +136,13 @@ class DecoderConfig:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if len(self.layer_types) != self.n_layers:
             raise ModelError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        bad = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if bad or self.lora_rank < 0 or (self.lora_rank > 0) != bool(self.lora_targets):
+            raise ModelError(
+                f"LoRA: rank {self.lora_rank} with targets {list(self.lora_targets)}; a rank > 0 needs targets among "
+                f"{', '.join(LORA_TARGETS)} (and rank 0 none)"
+            )
         unknown = sorted(set(self.layer_types) - {"full", "sliding"})
         if unknown:
             raise ModelError(f"layer_types has unknown entries {unknown}; each layer is 'full' or 'sliding'")

@@ -26,6 +26,7 @@ __all__ = [
     "apply_rope",
     "contract",
     "contracted_axes",
+    "lora_a_init",
     "rope_angles",
     "rope_inv_freq",
 ]
@@ -71,12 +72,27 @@ def contracted_axes(spec: str) -> int | None:
 _contracted_axes = contracted_axes  # the former private name, kept for existing callers
 
 
+def lora_a_init(key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+    """PEFT's initialisation of A [in…, r]: kaiming-uniform with a = √5, i.e. U(−1/√fan_in, 1/√fan_in)."""
+    fan_in = int(np.prod(shape[:-1], dtype=np.int64))
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class Einsum(nn.Module):
-    """y = einsum(spec, x, w) (+ b): one projection with named axes (a 2-D matmul when the spec allows)."""
+    """y = einsum(spec, x, w) (+ b) (+ s·(x·A)·B with LoRA): one projection with named axes (a 2-D matmul when
+    the spec allows).
+
+    With `lora_rank` r > 0 the projection carries LoRA factors A [in…, r] (`lora_a`, PEFT's init) and B [r, out…]
+    (`lora_b`, zeros): y = x·W + s·(x·A)·B, the function of W + s·A·B (docs/math.md §13). The spec must contract the
+    last axes of x with the first of w.
+    """
 
     spec: str
     shape: tuple[int, ...]
     bias_shape: tuple[int, ...] | None = None
+    lora_rank: int = 0
+    lora_scale: float = 0.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -85,7 +101,21 @@ class Einsum(nn.Module):
         y = jnp.einsum(self.spec, x, w) if n is None else contract(x, w, n)
         if self.bias_shape is not None:
             y = y + _lead(self.param("b", nn.initializers.zeros, self.bias_shape).astype(y.dtype), y)
+        if self.lora_rank:
+            if n is None:
+                raise ValueError(f"LoRA needs a contracting projection; {self.spec!r} is not one")
+            r = self.lora_rank
+            a = self.param("lora_a", lora_a_init, (*self.shape[:n], r)).astype(x.dtype)
+            b = self.param("lora_b", nn.initializers.zeros, (r, *self.shape[n:])).astype(x.dtype)
+            y = y + self.lora_scale * contract(contract(x, a, n), b, 1)
         return y
+
+
+def _lora(c: DecoderConfig, name: str) -> dict:
+    """The Einsum options of projection `name`: its LoRA rank and scale when the config adapts it."""
+    if name in c.lora_targets:
+        return {"lora_rank": c.lora_rank, "lora_scale": c.lora_scale}
+    return {}
 
 
 class Norm(nn.Module):
@@ -182,9 +212,9 @@ class Attention(nn.Module):
         c = self.config
         D, N, K, H = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
         G = N // K
-        q = Einsum("BTD,DNH->BTNH", (D, N, H), (N, H) if c.qkv_bias else None, name="q")(x)
-        k = Einsum("BSD,DKH->BSKH", (D, K, H), (K, H) if c.qkv_bias else None, name="k")(x)
-        v = Einsum("BSD,DKH->BSKH", (D, K, H), (K, H) if c.qkv_bias else None, name="v")(x)
+        q = Einsum("BTD,DNH->BTNH", (D, N, H), (N, H) if c.qkv_bias else None, name="q", **_lora(c, "q"))(x)
+        k = Einsum("BSD,DKH->BSKH", (D, K, H), (K, H) if c.qkv_bias else None, name="k", **_lora(c, "k"))(x)
+        v = Einsum("BSD,DKH->BSKH", (D, K, H), (K, H) if c.qkv_bias else None, name="v", **_lora(c, "v"))(x)
         B, T = x.shape[:2]
         if c.qk_norm == "head":  # over H, one weight shared by all heads
             q, k = Norm(c, name="q_norm")(q), Norm(c, name="k_norm")(k)
@@ -203,7 +233,7 @@ class Attention(nn.Module):
         logits = jnp.where(mask[:, None, None, :, :], logits, big_neg)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("BKGTS,BKSH->BKGTH", probs, v).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
-        return Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if c.attn_out_bias else None, name="o")(out)
+        return Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if c.attn_out_bias else None, name="o", **_lora(c, "o"))(out)
 
 
 def _activation(name: str, x: Array) -> Array:
@@ -226,13 +256,13 @@ class MLP(nn.Module):
         c = self.config
         D, F = c.d_model, c.d_ff
         bias = c.out_bias
-        up = Einsum("BTD,DF->BTF", (D, F), (F,) if bias else None, name="up")(x)
+        up = Einsum("BTD,DF->BTF", (D, F), (F,) if bias else None, name="up", **_lora(c, "up"))(x)
         if c.gated_mlp:
-            gate = Einsum("BTD,DF->BTF", (D, F), None, name="gate")(x)
+            gate = Einsum("BTD,DF->BTF", (D, F), None, name="gate", **_lora(c, "gate"))(x)
             hidden = _activation(c.activation, gate) * up
         else:
             hidden = _activation(c.activation, up)
-        return Einsum("BTF,FD->BTD", (F, D), (D,) if bias else None, name="down")(hidden)
+        return Einsum("BTF,FD->BTD", (F, D), (D,) if bias else None, name="down", **_lora(c, "down"))(hidden)
 
 
 class Block(nn.Module):

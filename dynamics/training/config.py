@@ -52,7 +52,7 @@ class TrainConfig:
       reward: "ex" (EX-RM, last token), "ex-mean" (EX-RM, mean over response positions, §6.4), "im" (IM-RM),
         "im-noref" (IM-RM without π_ref, §6.4) or "exgrm" (EX-GRM, cross-entropy, §6.5).
       beta: β of the IM-RM (> 0).
-      params: trainable-parameter spec of `dynamics.masks` (head | unembed | output | last:K | all | re:PATTERN).
+      params: trainable-parameter spec of `dynamics.masks` (head | unembed | output | last:K | lora | all | re:PATTERN).
       optimizer: "adam" (the paper's AdamW with weight decay 0), "adamw" or "sgd".
       lr: learning rate (constant).
       b1: Adam β1.

@@ -39,7 +39,7 @@ __all__ = [
 
 # dynamics.mask_spec.SPEC_HELP, spelled out so that building the parser imports nothing from dynamics (a test
 # checks that the two agree)
-PARAMS_HELP = "head | unembed | output | last:K | all | re:PATTERN"
+PARAMS_HELP = "head | unembed | output | last:K | lora | all | re:PATTERN"
 
 # dynamics.objectives.OBJECTIVES, spelled out for the same reason (a test checks that the two agree)
 OBJECTIVE_NAMES = ("dpo", "cdpo", "ipo", "hinge", "simpo")
@@ -63,6 +63,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, head_seed: bool = Tr
                             help="the IM-RM's reference π_ref (HF directory or .gguf) when it is not --model "
                                  "itself, e.g. the SFT model a DPO policy started from; same architecture and "
                                  "tokenizer")  # fmt: skip
+    if ref:
+        parser.add_argument("--adapter", default=None, metavar="DIR",
+                            help="a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) applied to "
+                                 "--model; the IM-RM's reference is then the base model unless --ref says "
+                                 "otherwise; --params lora trains its factors")  # fmt: skip
     parser.add_argument("--beta", type=float, default=DEFAULT_BETA, help=f"IM-RM β (default {DEFAULT_BETA})")
     if head_seed:
         parser.add_argument("--seed", type=int, default=0, help="seed of the EX-RM head's random init (default 0)")

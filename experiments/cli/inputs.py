@@ -96,14 +96,15 @@ def load_model(args: argparse.Namespace) -> Any:
         from experiments.studies.one_step import tiny_loaded
 
         return tiny_loaded()
+    from dynamics.errors import ModelError
     from dynamics.loading import load
 
     loaded = load(args.model)
-    if getattr(args, "ref", None):
-        from dynamics.errors import ModelError
-
-        try:
-            loaded = loaded.with_reference(args.ref)
-        except ModelError as err:
-            raise ModelError(f"--ref {args.ref}: {err}") from None
+    for flag, method in (("adapter", "with_adapter"), ("ref", "with_reference")):
+        value = getattr(args, flag, None)
+        if value:
+            try:
+                loaded = getattr(loaded, method)(value)
+            except ModelError as err:
+                raise ModelError(f"--{flag} {value}: {err}") from None
     return loaded
