@@ -104,3 +104,43 @@ def test_a_trl_dpo_run_with_a_lora_adapter(tmp_path):
     trainer.model.save_pretrained(str(adapter))
     loaded = load(str(base)).with_adapter(str(adapter))  # reference: the base, the adapter switched off
     _check(trainer, theirs, loaded)
+
+
+def test_a_trl_reward_model_is_read_back_with_its_score_head(tmp_path):
+    """TRL's RewardTrainer (a sequence-classification model, 3 steps): rmdyn's EX-RM rewards are the checkpoint's
+    own scores, and TRL's pairwise accuracy on the training pairs is rmdyn's."""
+    from dynamics.datasets import PreferenceRow
+    from dynamics.loading import load
+    from experiments.studies import one_step
+
+    base = tiny_hf_dir(tmp_path / "base")
+    tok = transformers.AutoTokenizer.from_pretrained(str(base))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=1)
+    model.config.pad_token_id = tok.pad_token_id
+    args = trl.RewardConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=3,
+                            learning_rate=1e-2, report_to="none", save_strategy="no", use_cpu=True, seed=0,
+                            bf16=False)  # fmt: skip
+    data = datasets.Dataset.from_list([
+        {"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+         "rejected": [{"role": "assistant", "content": r}]} for p, c, r in ROWS])  # fmt: skip
+    trainer = trl.RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    trainer.train()
+    out = tmp_path / "reward_model"
+    trainer.model.save_pretrained(str(out))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, out / name)
+    loaded = load(str(out))
+    assert loaded.score_head is not None
+    rows = [PreferenceRow(p, c, r, i, "trl", i + 1) for i, (p, c, r) in enumerate(ROWS)]
+    train = one_step.encode_triples(loaded, rows)
+    rm, params = one_step.reward_model("ex", loaded)
+    ours = np.asarray(rm.reward(params, train.chosen))
+    scorer = trainer.model.eval()
+    for i in range(len(ROWS)):  # each unpadded row: the checkpoint's own score
+        real = np.asarray(train.chosen.attention_mask)[i] == 1
+        ids = torch.as_tensor(np.asarray(train.chosen.tokens)[i][real][None], dtype=torch.long)
+        with torch.no_grad():
+            assert ours[i] == pytest.approx(float(scorer(input_ids=ids).logits[0, 0]), rel=1e-4, abs=1e-5)
