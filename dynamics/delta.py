@@ -353,8 +353,7 @@ def delta_reward(
       params: its parameters (see `dynamics.rewards`).
       train: the training triple(s); the loss is their batch mean, as in training.
       unseen: the unseen pairs (x̄, ȳ).
-      params_spec: which parameters train (`dynamics.masks`): head | unembed | output | last:K | lora | all |
-        re:PATTERN.
+      params_spec: the trainable set (`dynamics.masks`): head | unembed | output | last:K | lora | all | re:PATTERN.
       lr: learning rate η > 0.
       optimizer: "sgd" (the paper's analysis) or "adam" (its first step).
       method: "ntk" (any mask) or "closed_form" (Assumption 1: EX-RM head / IM-RM unembedding, SGD).
