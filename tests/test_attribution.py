@@ -111,6 +111,10 @@ def test_token_view_reproduces_c_and_overlap_loops(x64):
         assert values == sorted(values, reverse=True) and len(values) == 4
     np.testing.assert_array_equal(res.scores.overlap, _token_overlap_loops(ev, train))
     assert set(res.statistics) >= {"spearman_overlap", "spearman_hidden", "spearman_indicator", "indicator_share"}
+    assert res.statistics["indicator_share"] is not None
+    # with the unembedding frozen, Eq. (5)'s indicator term is no part of C: no indicator statistics
+    frozen_head = attribute(rm, p, train, ev, params_spec="re:layers_1/mlp", lr=0.2, token_entries=0, block=2)
+    assert frozen_head.statistics["indicator_share"] is None and frozen_head.statistics["spearman_indicator"] is None
 
 
 def test_hidden_score_is_the_head_closed_form(x64):

@@ -139,12 +139,14 @@ def attribute(
         rm, params, train, evalset, params_spec=params_spec, lr=lr, mode=mode, project=project, seed=seed,
         block=block, memory_budget_gb=memory_budget_gb, mesh=mesh, progress=progress, objective=objective,
     )  # fmt: skip
-    rm, params, _ = prepare(reward_model(rm, objective), params, params_spec)
+    rm, params, spec = prepare(reward_model(rm, objective), params, params_spec)
     is_im = isinstance(rm, ImplicitRM)
     beta = rm.beta if is_im else 1.0
     states = item_states(rm.lm, params["lm"], train, evalset)
     scores = overlap_scores(rm.lm, params["lm"], train, evalset, beta=beta, states=states)
-    stats = overlap_statistics(contrib.contribution, scores, contrib.weight, lr, implicit=is_im)
+    # Eq. (5)'s indicator term is a part of C only when the unembedding trains (not, e.g., under `lora`)
+    stats = overlap_statistics(contrib.contribution, scores, contrib.weight, lr,
+                               implicit=is_im and _trains_unembedding(rm, params, spec))  # fmt: skip
     stats["source"] = None if train_rows is None else source_ranks(contrib.contribution, train_rows)
     rankings = []
     for i in range(evalset.size):
@@ -156,6 +158,17 @@ def attribute(
     if is_im and token_entries > 0 and stats["token_view"] is None:
         views = _token_views(rm.lm, params["lm"], states, contrib, lr, beta, top, token_entries)
     return Attribution(contrib, scores, stats, rankings, views)
+
+
+def _trains_unembedding(rm, params, spec: str) -> bool:
+    """Whether the selection trains the LM head W (or the tied input embedding, which is W)."""
+    import jax
+
+    from dynamics.masks import trainable_mask
+
+    mask = trainable_mask(rm, params, spec)
+    paths = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(mask) if v]
+    return any("'lm_head'" in p or ("'embed'" in p and rm.lm.config.tie_embeddings) for p in paths)
 
 
 def _check_train_rows(train_rows: Sequence[int | None], n_eval: int, n_train: int) -> None:

@@ -199,7 +199,8 @@ def overlap_statistics(
       spearman_overlap, spearman_hidden: rank correlations of C with O and with H over all (i, j). For an IM-RM
       (`implicit`) also spearman_indicator (C against η w_j I_ij), indicator_share Σ|η w_j I_ij| / Σ|C_ij| (the
       identical-token term of Eq. (5) next to the whole contribution) and sign_agreement_indicator (the fraction
-      of entries where C_ij and I_ij have the same sign); None for an EX-RM, whose reward has no such term.
+      of entries where C_ij and I_ij have the same sign); None (`implicit=False`) for an EX-RM, whose reward has no
+      such term, and for a selection that does not train the unembedding (the term is then no part of C).
     """
     stats: dict[str, Any] = {
         "spearman_overlap": spearman(contribution, scores.overlap),
