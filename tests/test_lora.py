@@ -210,3 +210,27 @@ def test_the_cli_reads_an_adapter_and_trains_its_factors(tmp_path, capsys):
         expected = 0.5 * (logprob(batch, True) - logprob(batch, False))
         assert abs(expected[0]) > 1e-2
         np.testing.assert_allclose(im[side], expected, rtol=1e-3, atol=1e-4)
+
+
+def test_the_trainer_adds_fresh_factors_and_trains_only_them():
+    """TrainConfig(lora_rank=2, params="lora"): PEFT-initialised factors are added; after training, every base
+    weight is unchanged, the B factors moved, and the IM-RM at the start ties (π = π_ref, B = 0)."""
+    from test_train import preference_data, tiny_lm
+
+    from dynamics.training import EvalSuite, TrainConfig, build_reward_model, train
+
+    lm, params = tiny_lm()
+    data = preference_data(8, 1)
+    config = TrainConfig(reward="im", params="lora", lora_rank=2, lora_alpha=4.0, lora_targets=("q", "up"),
+                         optimizer="sgd", lr=0.5, epochs=1, batch_size=4, micro_batch_size=4, bucket=4)  # fmt: skip
+    result = train(config, lm, params, data, EvalSuite.from_preferences({"train": data}), progress=False)
+    start = [h for h in result.history if h["event"] == "eval"][0]
+    assert start["train/rewards/ties"] == 1.0
+    rm, initial, spec = build_reward_model(config, lm, params)
+    assert rm.lm.config.lora_rank == 2 and rm.lm.config.lora_scale == 2.0 and spec == "lora"
+    before = dict(jax.tree_util.tree_leaves_with_path(initial["lm"]))
+    after = dict(jax.tree_util.tree_leaves_with_path(result.params["lm"]))
+    assert before.keys() == after.keys()
+    moved = [jax.tree_util.keystr(k) for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))]
+    assert moved and all(m.endswith(("['lora_a']", "['lora_b']")) for m in moved)
+    assert any(m.endswith("['lora_b']") for m in moved)

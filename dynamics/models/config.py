@@ -28,6 +28,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
+from dynamics.defaults import LORA_TARGETS
 from dynamics.errors import ModelError
 
 __all__ = ["LORA_TARGETS", "FAMILIES", "SUPPORTED_FAMILIES", "DecoderConfig", "Family", "llama3_inv_freq"]
@@ -48,10 +49,6 @@ SUPPORTED_FAMILIES: dict[str, tuple[str, str]] = {
     "gemma2": ("gemma2", "Gemma 2 (logit soft-capping, pre- and post-norms, √D embedding scale)"),
     "gemma3_text": ("gemma3", "Gemma 3 text (per-head q/k norms, sliding/full layers with local/global RoPE)"),
 }
-
-
-#: The projections LoRA can adapt, by our parameter names (attention q, k, v, o; MLP gate, up, down).
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,6 +44,11 @@ def build_reward_model(
     """
     if config.reward == "exgrm" and answer_ids is None:
         raise ConfigError("reward='exgrm' needs answer_ids=(yes_id, no_id) (dynamics.text.exgrm_answer_ids)")
+    if config.lora_rank:  # fresh factors (PEFT's init: the same function); π_ref below is this initial model
+        from dynamics.lora import add_lora
+
+        lm, lm_params = add_lora(lm, lm_params, rank=config.lora_rank, alpha=config.lora_alpha,
+                                 targets=config.lora_targets, seed=config.seed)  # fmt: skip
     yes_no = dict(zip(("yes_id", "no_id"), answer_ids or (), strict=False))
     rm = reward_model(make_reward_model(config.reward, lm, beta=config.beta, **yes_no), config.objective_spec)
     if isinstance(rm, ExplicitRM):

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from dynamics.defaults import DEFAULT_BETA, HEAD_INIT_STD
+from dynamics.defaults import DEFAULT_BETA, HEAD_INIT_STD, LORA_TARGETS
 from dynamics.errors import ConfigError
 from dynamics.objectives import Objective
 from dynamics.reward_types import REWARD_TYPES
@@ -100,6 +100,11 @@ class TrainConfig:
         cross-entropy and takes dpo only.
       gamma: SimPO's target margin γ ≥ 0.
       label_smoothing: cDPO's ε ∈ [0, ½).
+      lora_rank: r > 0 adds fresh LoRA factors to `lora_targets` of every block before training, initialised as
+        PEFT does (B = 0: the model's function is unchanged, and the IM-RM's π_ref is the base); with
+        params="lora" only they (and an EX-RM's head) train (docs/math.md §13). 0: no LoRA.
+      lora_alpha: α; the factors are scaled by α / r.
+      lora_targets: the adapted projections among q, k, v, o, gate, up, down.
     """
 
     reward: str = "im"
@@ -135,8 +140,12 @@ class TrainConfig:
     objective: str = "dpo"
     gamma: float = 0.0
     label_smoothing: float = 0.0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q", "v")
 
     def __post_init__(self):
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.reward not in REWARD_KINDS:
             raise ConfigError(f"reward must be one of {', '.join(REWARD_KINDS)}; got {self.reward!r}")
         if self.param_sharding not in PARAM_SHARDINGS:
@@ -186,6 +195,13 @@ class TrainConfig:
         if not self.tie_tol >= 0 or not self.head_init_std >= 0:
             raise ConfigError("tie_tol and head_init_std must be >= 0")
         Objective(self.objective, gamma=self.gamma, smoothing=self.label_smoothing)  # raises ConfigError
+        bad = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if not (isinstance(self.lora_rank, int) and self.lora_rank >= 0) or bad or not self.lora_alpha > 0:
+            raise ConfigError(
+                f"LoRA: lora_rank must be an int >= 0 and lora_alpha > 0, and lora_targets among "
+                f"{', '.join(LORA_TARGETS)}; got rank {self.lora_rank!r}, alpha {self.lora_alpha!r}, "
+                f"unknown targets {bad or 'none'}"
+            )
         if self.reward == "exgrm" and self.objective != "dpo":
             raise ConfigError(f"reward 'exgrm' trains its cross-entropy loss; objective {self.objective!r} needs a "
                               "reward margin (ex, ex-mean, im, im-noref)")  # fmt: skip
