@@ -218,8 +218,8 @@ class TrainConfig:
         return self.batch_size // self.micro_batch_size
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field by name (JSON-ready)."""
-        return dataclasses.asdict(self)
+        """Every field by name (JSON-ready: tuples as lists, as config.json holds them)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
