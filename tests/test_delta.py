@@ -240,7 +240,7 @@ def test_im_rewards_at_initialisation_are_exact_ties():
     np.testing.assert_allclose(res.delta, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adam", marks=pytest.mark.slow)])
 def test_a_batch_larger_than_a_chunk_accumulates_its_gradient(x64, optimizer):
     """B = 11 > TRAIN_CHUNK: the step's gradient is summed over chunks of pairs (dynamics.pair_gradient); the
     update equals the whole-batch one, and the prediction against real steps stays first order."""

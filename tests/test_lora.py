@@ -67,8 +67,9 @@ def _tokens(side="right"):
     return tokens, mask
 
 
-@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
-@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize(
+    ("rslora", "side"), [(False, "right"), (True, "left"), pytest.param(False, "left", marks=pytest.mark.slow)]
+)
 def test_adapter_logits_match_peft_and_the_merged_weights(tmp_path, rslora, side):
     model, base_dir = _base(tmp_path)
     pm, adapter_dir = _adapter(model, tmp_path, use_rslora=rslora)

@@ -137,7 +137,15 @@ def test_bad_objectives_are_refused(kwargs, match):
         Objective(**kwargs)
 
 
-@pytest.mark.parametrize(("kind", "name"), [("ex", "ipo"), ("im", "cdpo"), ("im", "simpo"), ("ex", "hinge")])
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        ("ex", "ipo"),
+        pytest.param("im", "cdpo", marks=pytest.mark.slow),
+        ("im", "simpo"),
+        pytest.param("ex", "hinge", marks=pytest.mark.slow),
+    ],
+)
 def test_the_trainer_takes_one_step_on_the_objective(kind, name):
     """The trainer's fast path (packed pairs, gathered log-probs, accumulation) against one SGD step on the
     objective's loss of `rm.reward`, and its step-0 loss metric against the objective of those rewards."""
