@@ -141,6 +141,10 @@ def peak_memory(args: argparse.Namespace, sizes: list[int]) -> list[dict[str, An
         if proc.returncode != 0:
             raise RuntimeError(f"bench attribute --memory N={n} failed:\n{proc.stderr[-2000:]}")
         out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        # each size as it finishes (stderr): a long sweep stopped midway keeps what it measured
+        row = out[-1]
+        line = f"  N = {n}: peak {row['peak_rss_bytes'] / 2**30:.2f} GiB, {row['seconds']:.1f} s"
+        print(line, file=sys.stderr, flush=True)
     return out
 
 
