@@ -95,27 +95,20 @@ class Objective:
         """
         import jax
 
-        m = r_chosen - r_rejected
-        if self.name == "dpo":
-            return jax.nn.sigmoid(-m)
-        if self.name == "cdpo":
-            return (1 - self.smoothing) * jax.nn.sigmoid(-m) - self.smoothing * jax.nn.sigmoid(m)
-        if self.name == "ipo":
-            return (1 - 2 * m) / self.beta**2
-        if self.name == "hinge":
-            return (m < 1).astype(m.dtype)
-        return jax.nn.sigmoid(self.gamma - m)
+        return self._weight_of(r_chosen - r_rejected, jax.nn.sigmoid)
 
     def margin_weight(self, margin: Any) -> Any:
         """`weight` as a function of the margin m alone, in float64 numpy (no JAX; no overflow for any finite m)."""
         import numpy as np
 
-        m = np.asarray(margin, np.float64)
-
         def sigmoid(x):
             z = np.exp(-np.abs(x))
             return np.where(x >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
 
+        return self._weight_of(np.asarray(margin, np.float64), sigmoid)
+
+    def _weight_of(self, m: Any, sigmoid: Any) -> Any:
+        """w(m) of the module docstring's table, with the array library's `sigmoid` (JAX or numpy)."""
         if self.name == "dpo":
             return sigmoid(-m)
         if self.name == "cdpo":
@@ -123,7 +116,7 @@ class Objective:
         if self.name == "ipo":
             return (1 - 2 * m) / self.beta**2
         if self.name == "hinge":
-            return (m < 1).astype(np.float64)
+            return (m < 1).astype(m.dtype)
         return sigmoid(self.gamma - m)
 
     def to_dict(self) -> dict[str, Any]:

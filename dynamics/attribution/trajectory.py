@@ -44,6 +44,7 @@ from dynamics.batches import PreferenceBatch
 from dynamics.delta import reference_is_policy, reward_name
 from dynamics.errors import ConfigError, DataError
 from dynamics.masks import count_selected, partition, prepare, trainable_mask
+from dynamics.objectives import Objective
 from dynamics.rewards import GenerativeRM, RewardModel
 
 __all__ = [
@@ -70,10 +71,9 @@ def _save(obj: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def bt_weights(margin: np.ndarray) -> np.ndarray:
-    """w = σ(−m), elementwise, without overflow for any finite margin (float64, the shape of `margin`)."""
-    m = np.asarray(margin, np.float64)
-    z = np.exp(-np.abs(m))
-    return np.where(m >= 0, z / (1.0 + z), 1.0 / (1.0 + z))
+    """w = σ(−m), elementwise, without overflow for any finite margin (float64, the shape of `margin`): DPO's
+    `dynamics.objectives.Objective.margin_weight`."""
+    return Objective().margin_weight(margin)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +316,7 @@ def linearised_trajectory(
     margins, values, sizes = [m], [q], []
     for b in batches:
         b = np.asarray(b, np.int64)
-        w = (bt_weights(m[b]) if objective is None else objective.margin_weight(m[b])) * (lr / len(b))
+        w = (objective or Objective()).margin_weight(m[b]) * (lr / len(b))
         m = m + k_tt[:, b] @ w
         q = q + k_et[:, b] @ w
         margins.append(m)
