@@ -31,7 +31,6 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from dynamics.batches import PairBatch, PreferenceBatch
 from dynamics.chunking import batch_chunks, strip
@@ -195,14 +194,7 @@ def unit_update(
         p = combine(tr, frozen)
         return objective.loss(rm.reward(p, t.chosen), rm.reward(p, t.rejected))
 
-    grads = jax.grad(loss)(train_tree)
-    if optimizer == "sgd":
-        return jax.tree.map(jnp.negative, grads)
-    if optimizer == "adam":
-        opt = optax.adam(1.0)
-        updates, _ = opt.update(grads, opt.init(train_tree), train_tree)
-        return updates
-    raise ConfigError(f"unknown optimizer {optimizer!r}; expected sgd or adam")
+    return first_update(jax.grad(loss)(train_tree), optimizer, train_tree)
 
 
 def response_gradients(rm: RewardModel, train_tree, frozen, train: PreferenceBatch) -> Any:

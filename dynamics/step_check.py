@@ -34,16 +34,7 @@ from dynamics.objectives import Objective, reward_model
 from dynamics.pair_gradient import TRAIN_CHUNK, first_update, loss_gradient
 from dynamics.rewards import RewardModel
 
-__all__ = ["StepCheckResult", "check_step", "loglog_slope", "make_optimizer", "real_step", "real_step_jit"]
-
-
-def make_optimizer(name: Optimizer, lr) -> optax.GradientTransformation:
-    """optax SGD or Adam (default betas and eps, no weight decay: the paper's AdamW(weight_decay=0))."""
-    if name == "sgd":
-        return optax.sgd(lr)
-    if name == "adam":
-        return optax.adam(lr)
-    raise ConfigError(f"unknown optimizer {name!r}; expected sgd or adam")
+__all__ = ["StepCheckResult", "check_step", "loglog_slope", "real_step", "real_step_jit"]
 
 
 def real_step(rm: RewardModel, train_tree, frozen, train: PreferenceBatch, lr, optimizer: Optimizer, objective=None):
@@ -57,10 +48,7 @@ def real_step(rm: RewardModel, train_tree, frozen, train: PreferenceBatch, lr, o
         p = combine(tr, frozen)
         return objective.loss(rm.reward(p, train.chosen), rm.reward(p, train.rejected))
 
-    grads = jax.grad(loss)(train_tree)
-    opt = make_optimizer(optimizer, lr)
-    updates, _ = opt.update(grads, opt.init(train_tree), train_tree)
-    return optax.apply_updates(train_tree, updates)
+    return optax.apply_updates(train_tree, first_update(jax.grad(loss)(train_tree), optimizer, train_tree, lr))
 
 
 #: `real_step` jitted (the reward model and the optimizer name static).
