@@ -150,15 +150,19 @@ def _split(values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return values[:n], values[n : 2 * n], (values[2 * n :] if values.size > 2 * n else None)
 
 
-def _build(rm, params, train, sequences, objective, delta: np.ndarray, meta: dict, n_eval: int) -> Displacement:
-    """The `Displacement` of predicted reward changes `delta` over `sequences` (chosen, rejected, eval rows)."""
+def _build(rm, params, train, sequences, objective, delta, meta: dict, lr: float, actual=None) -> Displacement:
+    """The `Displacement` of the predicted reward changes `delta` (and the `actual` ones of a real step, or None)
+    over `sequences`: the chosen, rejected and eval rows."""
     from dynamics.objectives import reward_model
 
-    change = delta * _log_likelihood_scale(reward_model(rm, objective), sequences)
-    chosen, rejected, ev = _split(change, train.batch_size)
+    scale = _log_likelihood_scale(reward_model(rm, objective), sequences)
+    n = train.batch_size
+    chosen, rejected, ev = _split(delta * scale, n)
+    a_chosen, a_rejected, a_eval = (None, None, None) if actual is None else _split(actual * scale, n)
     ches, ln_ches = ches_scores(rm.lm, params["lm"], train)
     keep = {k: meta[k] for k in ("params", "n_trained", "optimizer", "n_train", "objective")}
-    return Displacement(chosen, rejected, ev, ches, ln_ches, {**keep, "beta": rm.beta, "n_eval": n_eval})
+    meta = {**keep, "lr": float(lr), "beta": rm.beta, "n_eval": sequences.batch_size - 2 * n}
+    return Displacement(chosen, rejected, ev, ches, ln_ches, meta, a_chosen, a_rejected, a_eval)
 
 
 def _check_rm(rm) -> None:
@@ -201,9 +205,7 @@ def likelihood_displacement(
         rm, params, train, sequences, params_spec=params_spec, lr=lr, optimizer=optimizer, decompose=False,
         chunk_size=chunk_size, progress=progress, objective=objective,
     )  # fmt: skip
-    n_eval = 0 if eval_responses is None else eval_responses.batch_size
-    out = _build(rm, params, train, sequences, objective, d.delta, d.meta, n_eval)
-    return dataclasses.replace(out, meta={**out.meta, "lr": float(lr)})
+    return _build(rm, params, train, sequences, objective, d.delta, d.meta, lr)
 
 
 def check_displacement(
@@ -221,7 +223,6 @@ def check_displacement(
 ) -> Displacement:
     """`likelihood_displacement` with the actual changes after one real optimizer step of learning rate `lr`
     (`dynamics.step_check.check_step`: its prediction and the log-likelihoods after the jitted optax step)."""
-    from dynamics.objectives import reward_model
     from dynamics.step_check import check_step
 
     _check_rm(rm)
@@ -230,9 +231,4 @@ def check_displacement(
         rm, params, train, sequences, lrs=[lr], params_spec=params_spec, optimizer=optimizer, method="ntk",
         chunk_size=chunk_size, progress=progress, objective=objective,
     )  # fmt: skip
-    n_eval = 0 if eval_responses is None else eval_responses.batch_size
-    pred = _build(rm, params, train, sequences, objective, res.predicted[0], res.prediction.meta, n_eval)
-    actual = res.actual[0] * _log_likelihood_scale(reward_model(rm, objective), sequences)
-    a_chosen, a_rejected, a_eval = _split(actual, train.batch_size)
-    meta = {**pred.meta, "lr": float(lr)}
-    return dataclasses.replace(pred, actual_chosen=a_chosen, actual_rejected=a_rejected, actual_eval=a_eval, meta=meta)
+    return _build(rm, params, train, sequences, objective, res.predicted[0], res.prediction.meta, lr, res.actual[0])

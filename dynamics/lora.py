@@ -226,7 +226,6 @@ def base_params(params: Params) -> Params:
 def zero_factors_like(plain: Params, like: Params) -> Params:
     """`plain` (a model without LoRA, e.g. a reference checkpoint) in the tree of `like` (the same architecture with
     LoRA): `like`'s A factors and B = 0, so that it computes `plain`'s function."""
-    import jax
     import jax.numpy as jnp
 
     def fill(node_plain, node_like):
@@ -237,4 +236,4 @@ def zero_factors_like(plain: Params, like: Params) -> Params:
             return out
         return node_plain
 
-    return jax.tree.map(lambda x: x, fill(plain, like))
+    return fill(plain, like)
