@@ -140,11 +140,10 @@ def _reference_logits(model, tokens, mask):
     return out.logits.double().numpy()
 
 
-def _ours(model):
+def _ours(model, dtype=jnp.float32):
     config = config_from_hf(model.config.to_dict())
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    params = params_from_state_dict(config, sd, cast=lambda a: jnp.asarray(a, jnp.float32))
-    return LM(config), params
+    return LM(config), params_from_state_dict(config, sd, cast=lambda a: jnp.asarray(a, dtype))
 
 
 FAMILIES = [

@@ -3,7 +3,7 @@
 are refused, and GGUF loading (Qwen3, OLMo 2) or its refusal (Gemma 3).
 
 float32 parity and the safetensors round trip of these families are parametrizations of tests/test_models.py,
-whose tiny random configs (`_tiny`) and padded batches (`_batch`) are reused here.
+whose tiny random configs (`_tiny`), padded batches (`_batch`), loading (`_ours`) and family list are reused here.
 """
 
 from __future__ import annotations
@@ -21,25 +21,12 @@ from conftest import require
 torch = require("torch", reason="the parity tests need the PyTorch reference (pip install -e '.[test]')")
 transformers = require("transformers")
 
-from test_models import V, _batch, _reference_logits, _tiny  # noqa: E402
+from test_models import FAMILIES, V, _batch, _ours, _reference_logits, _tiny  # noqa: E402
 
 from dynamics.errors import ModelError  # noqa: E402
-from dynamics.models import LM, config_from_hf, load_gguf, load_hf_directory, params_from_state_dict  # noqa: E402
+from dynamics.models import LM, config_from_hf, load_gguf, load_hf_directory  # noqa: E402
 
-NEW_FAMILIES = [
-    ("qwen3", {}),
-    ("qwen3", {"bias": True}),
-    ("mistral", {}),
-    ("olmo2", {}),
-    ("gemma3", {}),
-    ("gemma3", {"caps": True}),
-]
-
-
-def _ours(model, dtype=jnp.float32):
-    config = config_from_hf(model.config.to_dict())
-    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    return LM(config), params_from_state_dict(config, sd, cast=lambda a: jnp.asarray(a, dtype))
+NEW_FAMILIES = [(family, over) for family, over in FAMILIES if family in ("qwen3", "mistral", "olmo2", "gemma3")]
 
 
 def _logits(lm, params, tokens, mask):
