@@ -33,7 +33,17 @@ import numpy as np
 from dynamics.batches import PairBatch, PreferenceBatch
 from dynamics.errors import ConfigError, DataError
 
-__all__ = ["Displacement", "check_displacement", "ches_scores", "concat_pairs", "likelihood_displacement"]
+__all__ = [
+    "Displacement",
+    "check_displacement",
+    "check_implicit",
+    "ches_scores",
+    "concat_pairs",
+    "likelihood_displacement",
+    "log_likelihood_scale",
+    "response_sequences",
+    "split_rows",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +57,11 @@ class Displacement:
       ches: CHES(x_j, y_j+, y_j−), [N] (hidden units², float64).
       ln_ches: the length-normalised CHES, [N].
       actual_chosen, actual_rejected, actual_eval: the same changes after a real step (`check_displacement`),
-        or None.
-      meta: settings (lr, params, optimizer, objective, β, N, M).
+        or along a real run (`dynamics.displacement_run.displacement_along_run`), or None.
+      meta: settings (lr, params, optimizer, objective, β, N, M; a run's directory and checkpoints).
+      path_steps: along a run, the checkpoint steps t_0 = 0, …, t_C, [C + 1]; else None.
+      path_predicted, path_actual: along a run, the cumulative predicted and actual Δ ln π at each checkpoint,
+        [C + 1, 2N + M] (the chosen, rejected and eval rows, in that order); else None.
     """
 
     chosen: np.ndarray
@@ -60,6 +73,9 @@ class Displacement:
     actual_chosen: np.ndarray | None = None
     actual_rejected: np.ndarray | None = None
     actual_eval: np.ndarray | None = None
+    path_steps: np.ndarray | None = None
+    path_predicted: np.ndarray | None = None
+    path_actual: np.ndarray | None = None
 
     @property
     def chosen_falls(self) -> np.ndarray:
@@ -134,19 +150,21 @@ def ches_scores(lm, lm_params, train: PreferenceBatch) -> tuple[np.ndarray, np.n
     return cross - own, cross / (lp * lm_) - own / lp**2
 
 
-def _log_likelihood_scale(rm, batch: PairBatch) -> np.ndarray:
-    """Δ ln π = scale · Δr: 1/β per row, or |y|/β for a length-normalised reward."""
+def log_likelihood_scale(rm, batch: PairBatch) -> np.ndarray:
+    """Δ ln π = scale · Δr per row of `batch`, [B]: 1/β, or |y|/β for a length-normalised reward (SimPO's)."""
     scale = np.full(batch.batch_size, 1.0 / rm.beta)
     if getattr(rm, "length_normalised", False):
         scale = scale * np.maximum(np.asarray(batch.response_mask).sum(axis=1), 1)
     return scale
 
 
-def _sequences(train: PreferenceBatch, eval_responses: PairBatch | None) -> PairBatch:
+def response_sequences(train: PreferenceBatch, eval_responses: PairBatch | None) -> PairBatch:
+    """The chosen responses of `train`, then its rejected ones, then `eval_responses` (if any), as one batch."""
     return concat_pairs([train.chosen, train.rejected] + ([eval_responses] if eval_responses is not None else []))
 
 
-def _split(values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def split_rows(values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(chosen, rejected, eval or None) of values over `response_sequences` rows, for N = n pairs."""
     return values[:n], values[n : 2 * n], (values[2 * n :] if values.size > 2 * n else None)
 
 
@@ -155,17 +173,18 @@ def _build(rm, params, train, sequences, objective, delta, meta: dict, lr: float
     over `sequences`: the chosen, rejected and eval rows."""
     from dynamics.objectives import reward_model
 
-    scale = _log_likelihood_scale(reward_model(rm, objective), sequences)
+    scale = log_likelihood_scale(reward_model(rm, objective), sequences)
     n = train.batch_size
-    chosen, rejected, ev = _split(delta * scale, n)
-    a_chosen, a_rejected, a_eval = (None, None, None) if actual is None else _split(actual * scale, n)
+    chosen, rejected, ev = split_rows(delta * scale, n)
+    a_chosen, a_rejected, a_eval = (None, None, None) if actual is None else split_rows(actual * scale, n)
     ches, ln_ches = ches_scores(rm.lm, params["lm"], train)
     keep = {k: meta[k] for k in ("params", "n_trained", "optimizer", "n_train", "objective")}
     meta = {**keep, "lr": float(lr), "beta": rm.beta, "n_eval": sequences.batch_size - 2 * n}
     return Displacement(chosen, rejected, ev, ches, ln_ches, meta, a_chosen, a_rejected, a_eval)
 
 
-def _check_rm(rm) -> None:
+def check_implicit(rm) -> None:
+    """Refuses a reward model that is not an IM-RM (ConfigError)."""
     from dynamics.rewards import ImplicitRM
 
     if not isinstance(rm, ImplicitRM):
@@ -199,8 +218,8 @@ def likelihood_displacement(
     """
     from dynamics.delta import delta_reward
 
-    _check_rm(rm)
-    sequences = _sequences(train, eval_responses)
+    check_implicit(rm)
+    sequences = response_sequences(train, eval_responses)
     d = delta_reward(
         rm, params, train, sequences, params_spec=params_spec, lr=lr, optimizer=optimizer, decompose=False,
         chunk_size=chunk_size, progress=progress, objective=objective,
@@ -225,8 +244,8 @@ def check_displacement(
     (`dynamics.step_check.check_step`: its prediction and the log-likelihoods after the jitted optax step)."""
     from dynamics.step_check import check_step
 
-    _check_rm(rm)
-    sequences = _sequences(train, eval_responses)
+    check_implicit(rm)
+    sequences = response_sequences(train, eval_responses)
     res = check_step(
         rm, params, train, sequences, lrs=[lr], params_spec=params_spec, optimizer=optimizer, method="ntk",
         chunk_size=chunk_size, progress=progress, objective=objective,

@@ -1,10 +1,12 @@
 """TRL interop, for real: a tiny random Llama trained for a few steps by TRL's DPOTrainer on CPU (full weights, and
 a PEFT LoRA adapter), then read back by rmdyn (`--ref`, `--adapter`): rmdyn's IM-RM rewards reproduce the metrics
 TRL logs on the evaluation set (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies), and rmdyn's
-encoding of the pairs is TRL's token for token."""
+encoding of the pairs is TRL's token for token. The same through `rmdyn evaluate` on the directories TRL's
+`save_model` writes, with β and the loss type read from their training_args.bin (not passed on the command line)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -82,31 +84,62 @@ def _check(trainer, theirs, loaded):
     assert abs(theirs["eval_rewards/margins"]) > 0.1  # the run moved the rewards
 
 
-def test_a_trl_dpo_run_is_read_back_with_its_reference(tmp_path):
+def _evaluate_cli(tmp_path, capsys, *flags):
+    """`rmdyn evaluate` on ROWS with `flags` and no --beta: (its evaluation.json, its stdout)."""
+    from experiments.cli.main import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in ROWS))
+    out = tmp_path / "evaluate"
+    capsys.readouterr()
+    assert main(["evaluate", "--data", str(data), *flags, "--out", str(out)]) == 0
+    return json.loads((out / "evaluation.json").read_text()), capsys.readouterr().out
+
+
+def _check_cli(result, stdout, theirs, settings_dir):
+    assert f"from {settings_dir / 'training_args.bin'} (DPOConfig): β = {BETA:g}, objective dpo" in stdout
+    assert result["options"]["beta"] == BETA and result["options"]["objective"] == "dpo"
+    metrics = result["results"]["IM-RM"]["metrics"]
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert metrics[k] == pytest.approx(theirs[f"eval_{k}"], abs=1e-4), k
+    assert metrics["logps/chosen"] == pytest.approx(theirs["eval_logps/chosen"], rel=1e-4)
+    assert metrics["logps/rejected"] == pytest.approx(theirs["eval_logps/rejected"], rel=1e-4)
+
+
+def _save(trainer, base, directory):
+    """TRL's own save (weights or adapter, tokenizer, training_args.bin), with the base's tokenizer files."""
+    trainer.save_model(str(directory))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, directory / name)
+
+
+def test_a_trl_dpo_run_is_read_back_with_its_reference(tmp_path, capsys):
     from dynamics.loading import load
 
     base = tiny_hf_dir(tmp_path / "base")
     trainer, theirs = _train(base, tmp_path / "trl")
     policy = tmp_path / "policy"
-    trainer.model.save_pretrained(str(policy))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(base / name, policy / name)
+    _save(trainer, base, policy)
     _check(trainer, theirs, load(str(policy)).with_reference(str(base)))
+    result, stdout = _evaluate_cli(tmp_path, capsys, "--model", str(policy), "--ref", str(base))
+    _check_cli(result, stdout, theirs, policy)
 
 
-def test_a_trl_dpo_run_with_a_lora_adapter(tmp_path):
+def test_a_trl_dpo_run_with_a_lora_adapter(tmp_path, capsys):
     from dynamics.loading import load
 
     base = tiny_hf_dir(tmp_path / "base")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0)
     trainer, theirs = _train(base, tmp_path / "trl", peft_config=config)
     adapter = tmp_path / "adapter"
-    trainer.model.save_pretrained(str(adapter))
+    _save(trainer, base, adapter)
     loaded = load(str(base)).with_adapter(str(adapter))  # reference: the base, the adapter switched off
     _check(trainer, theirs, loaded)
+    result, stdout = _evaluate_cli(tmp_path, capsys, "--model", str(base), "--adapter", str(adapter))
+    _check_cli(result, stdout, theirs, adapter)
 
 
-def test_a_trl_reward_model_is_read_back_with_its_score_head(tmp_path):
+def test_a_trl_reward_model_is_read_back_with_its_score_head(tmp_path, capsys):
     """TRL's RewardTrainer (a sequence-classification model, 3 steps): rmdyn's EX-RM rewards are the checkpoint's
     own scores, and TRL's pairwise accuracy on the training pairs is rmdyn's."""
     from dynamics.datasets import PreferenceRow
@@ -144,3 +177,10 @@ def test_a_trl_reward_model_is_read_back_with_its_score_head(tmp_path):
         ids = torch.as_tensor(np.asarray(train.chosen.tokens)[i][real][None], dtype=torch.long)
         with torch.no_grad():
             assert ours[i] == pytest.approx(float(scorer(input_ids=ids).logits[0, 0]), rel=1e-4, abs=1e-5)
+    # `rmdyn evaluate --reward ex`: the same scores, and the pairwise accuracy of those scores
+    result, _ = _evaluate_cli(tmp_path, capsys, "--model", str(out), "--reward", "ex")
+    ex = result["results"]["EX-RM"]
+    np.testing.assert_allclose(ex["chosen"], ours, rtol=1e-5, atol=1e-6)
+    rejected = np.asarray(rm.reward(params, train.rejected))
+    assert ex["metrics"]["rewards/accuracies"] == pytest.approx(float(np.mean(ours > rejected)))
+    assert ex["logps_chosen"] is None and "logps/chosen" not in ex["metrics"]

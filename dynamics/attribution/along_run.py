@@ -51,7 +51,7 @@ from dynamics.errors import ConfigError, DataError
 from dynamics.masks import combine, partition, trainable_mask
 from dynamics.rewards import GenerativeRM
 
-__all__ = ["RunAttribution", "RunModel", "attribute_run", "load_run_model"]
+__all__ = ["RunAttribution", "RunModel", "attribute_run", "checkpoint_plan", "load_run_model"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,7 +340,7 @@ def _interval(run: RunModel, tree, opt_state, batches: list[np.ndarray], train, 
     return delta, other
 
 
-def _checkpoint_plan(run: RunModel, n: int, require_all: bool) -> list[int]:
+def checkpoint_plan(run: RunModel, n: int, require_all: bool) -> list[int]:
     """t_0 = 0, t_1, …, t_C: the checkpoints on disk (step 0 rebuilt), checked for gaps."""
     steps = [s for s in run.checkpoints if s > 0]
     if not steps:
@@ -446,7 +446,7 @@ def attribute_run(
     if isinstance(run.rm, GenerativeRM):
         raise ConfigError("attribution is defined for Bradley-Terry reward models (EX-RM, IM-RM), not the EX-GRM")
     n = train.batch_size
-    steps = _checkpoint_plan(run, n, require_all)
+    steps = checkpoint_plan(run, n, require_all)
     batches = training_batches(run.config, n)[: steps[-1]]
     n_params, total = _check_budget(run, evalset, steps, batches, block, memory_budget_gb)
     from tqdm.auto import tqdm

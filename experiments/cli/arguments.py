@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from experiments.studies.one_step import DEFAULT_BETA
@@ -26,6 +27,7 @@ __all__ = [
     "add_train_arguments",
     "add_unseen_arguments",
     "check_chunk_size",
+    "check_run_record",
     "check_inputs",
     "check_params_on_model",
     "check_objective",
@@ -68,7 +70,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, head_seed: bool = Tr
                             help="a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) applied to "
                                  "--model; the IM-RM's reference is then the base model unless --ref says "
                                  "otherwise; --params lora trains its factors")  # fmt: skip
-    parser.add_argument("--beta", type=float, default=DEFAULT_BETA, help=f"IM-RM β (default {DEFAULT_BETA})")
+    parser.add_argument("--beta", type=float, default=None,
+                        help=f"IM-RM β (default: the run's, from training_args.bin beside --adapter or --model when "
+                             f"TRL saved one, else {DEFAULT_BETA})")  # fmt: skip
+    parser.set_defaults(run_settings=True)
     if head_seed:
         parser.add_argument("--seed", type=int, default=0, help="seed of the EX-RM head's random init (default 0)")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
@@ -129,11 +134,12 @@ def add_reward_arguments(parser: argparse.ArgumentParser, *, method: bool = True
 
 def add_objective_arguments(parser: argparse.ArgumentParser) -> None:
     """--objective, --gamma, --label-smoothing (the DPO family, `dynamics.objectives`)."""
-    parser.add_argument("--objective", default="dpo", metavar="|".join(OBJECTIVE_NAMES),
+    parser.add_argument("--objective", default=None, metavar="|".join(OBJECTIVE_NAMES),
                         help="the training objective: dpo (Bradley-Terry), cdpo, ipo, hinge or simpo (reference-free, "
-                             "length-normalised IM-RM) (default dpo)")  # fmt: skip
-    parser.add_argument("--gamma", type=float, default=0.0, help="SimPO's target margin γ ≥ 0 (default 0)")
-    parser.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO's ε in [0, 0.5) (default 0)")
+                             "length-normalised IM-RM) (default: the run's loss type from a TRL training_args.bin "
+                             "beside --adapter or --model, else dpo)")  # fmt: skip
+    parser.add_argument("--gamma", type=float, default=None, help="SimPO's target margin γ ≥ 0 (default 0)")
+    parser.add_argument("--label-smoothing", type=float, default=None, help="cDPO's ε in [0, 0.5) (default 0)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,6 +237,31 @@ def objective_for(args: argparse.Namespace, rm: Any) -> Any:
     from dynamics.objectives import make_objective
 
     return make_objective(args.objective, rm, gamma=args.gamma, smoothing=args.label_smoothing)
+
+
+def check_run_record(run: str, reward: str, objective: str) -> None:
+    """--run names a trainer's run directory whose reward type ("both": EX or IM) and objective are the ones asked
+    for (pure Python, before JAX); ConfigError naming the directory and its config.json otherwise."""
+    import json
+
+    from dynamics.errors import ConfigError
+
+    record = Path(run) / "config.json"
+    if not record.is_file():
+        raise ConfigError(f"--run {run}: not a run directory of rmdyn's trainer (no config.json)")
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        kind = (data.get("reward_model") or {}).get("kind")
+        trained = (data.get("train") or {}).get("objective", "dpo")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ConfigError(f"--run {run}: unreadable {record} ({err})") from None
+    if kind not in ("ex", "im"):
+        raise ConfigError(f"--run {run}: a run of reward {kind!r} ({record}); this needs an EX-RM or IM-RM run")
+    if reward != "both" and kind != reward:
+        raise ConfigError(f"--run {run} was trained with reward {kind}, not {reward} ({record})")
+    if trained != objective:
+        raise ConfigError(f"--run {run} was trained with objective {trained}, not {objective} ({record}): pass "
+                          f"--objective {trained}")  # fmt: skip
 
 
 def check_chunk_size(value: int) -> int:

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "rho",
     "attribute",
     "displacement",
+    "evaluate",
     "check_step",
     "demo",
     "footnote3",
@@ -74,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     from dynamics.errors import RmdynError
 
     try:
+        if getattr(args, "run_settings", False):
+            from experiments.cli.run_settings import apply_run_settings
+
+            apply_run_settings(args)
         return int(args.func(args) or 0)
     except RmdynError as err:
         print(f"rmdyn {args.command}: error: {err}", file=sys.stderr)

@@ -102,34 +102,9 @@ def _check_options(args: argparse.Namespace) -> tuple[list[str], str]:
     check_input_file(args.eval, "--eval")
     if args.run is not None:
         arguments.check_positive(args.tolerance, "--tolerance")
-        _check_run_record(args.run, args.reward, args.objective)
+        arguments.check_run_record(args.run, args.reward, args.objective)
     arguments.check_inputs(args, *OUT_FILES)
     return kinds, spec
-
-
-def _check_run_record(run: str, reward: str, objective: str) -> None:
-    """--run names a trainer's run directory whose reward type and objective are the ones asked for (pure Python,
-    before JAX)."""
-    import json
-
-    from dynamics.errors import ConfigError
-
-    record = Path(run) / "config.json"
-    if not record.is_file():
-        raise ConfigError(f"--run {run}: not a run directory of rmdyn's trainer (no config.json)")
-    try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-        kind = (data.get("reward_model") or {}).get("kind")
-        trained = (data.get("train") or {}).get("objective", "dpo")
-    except (OSError, ValueError, AttributeError) as err:
-        raise ConfigError(f"--run {run}: unreadable {record} ({err})") from None
-    if kind not in ("ex", "im"):
-        raise ConfigError(f"--run {run}: a run of reward {kind!r} ({record}); attribution needs an EX-RM or IM-RM run")
-    if reward != "both" and kind != reward:
-        raise ConfigError(f"--run {run} was trained with reward {kind}, not {reward} ({record})")
-    if trained != objective:
-        raise ConfigError(f"--run {run} was trained with objective {trained}, not {objective} ({record}): pass "
-                          f"--objective {trained}")  # fmt: skip
 
 
 def _read_inputs(args: argparse.Namespace) -> tuple[list[Any], Any]:

@@ -3,7 +3,9 @@
 For every training pair, the predicted first-order change of ln π_θ(y+|x) and ln π_θ(y−|x) after one step on all
 of them (Δ ln π = Δr_IM / β), beside the change after one real optimizer step (skip it with --no-check). Also:
 the pairs whose chosen log-likelihood is predicted to fall, and each pair's length-normalised CHES similarity. With
---model POLICY --ref REF the step starts from your own DPO policy, with its reference.
+--model POLICY --ref REF the step starts from your own DPO policy, with its reference. With --run DIR (an IM-RM run
+of rmdyn's trainer on the --train pairs, checkpoints kept), the changes over the whole run instead: predicted by
+linearising each step at its checkpoint, beside the actual change read from the checkpoints (docs/math.md §12.3).
 
 Prints a table, writes displacement.json and displacement_scatter.png (+ .json) under --out.
 
@@ -11,6 +13,7 @@ Examples:
   rmdyn displacement                                   # the 80 Persona training triples, SmolLM2, all parameters
   rmdyn displacement --train prefs.jsonl --model runs/dpo/policy --ref runs/dpo/ref --lr 1e-5
   rmdyn displacement --train prefs.jsonl --eval responses.jsonl --objective ipo
+  rmdyn displacement --train prefs.jsonl --run runs/my_im_run                # along a trained run
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from experiments.cli import arguments, inputs
 __all__ = ["register", "run", "table"]
 
 OUT_FILES = ("displacement.json", "displacement_scatter.png", "displacement_scatter.json")
+RUN_SETTINGS = ("--lr", "--optimizer", "--params", "--no-check")
 
 
 def register(subparsers: Any) -> None:
@@ -40,11 +44,15 @@ def register(subparsers: Any) -> None:
                              "agreeableness training triples)")  # fmt: skip
     parser.add_argument("--eval", metavar="FILE", default=None,
                         help="JSONL of more responses {prompt, response} or pairs whose Δ ln π to predict")  # fmt: skip
-    parser.add_argument("--params", default="all", metavar="SPEC",
+    parser.add_argument("--params", default=None, metavar="SPEC",
                         help=f"trainable parameters: {arguments.PARAMS_HELP} (default all)")  # fmt: skip
-    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="the step (default sgd)")
-    parser.add_argument("--lr", type=float, default=arguments.DEFAULT_LR,
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default=None, help="the step (default sgd)")
+    parser.add_argument("--lr", type=float, default=None,
                         help=f"learning rate η (default {arguments.DEFAULT_LR:g})")  # fmt: skip
+    parser.add_argument("--run", metavar="DIR", default=None,
+                        help="an IM-RM run directory of rmdyn's trainer on the --train pairs (checkpoints kept): the "
+                             "predicted and actual changes over the whole run; η, optimizer, parameters, β and "
+                             "objective are the run's")  # fmt: skip
     arguments.add_objective_arguments(parser)
     parser.add_argument("--no-check", action="store_true", help="predict only: no real optimizer step")
     parser.add_argument("--chunk-size", type=int, default=8, help="sequences per JVP batch (default 8)")
@@ -97,22 +105,63 @@ def table(result: Any, rows: list[Any], width: int = 40) -> list[str]:
     return lines
 
 
-def run(args: argparse.Namespace) -> int:
-    """Checks the options and files, predicts (and checks) the displacement, prints, writes JSON + figure."""
+def _check_options(args: argparse.Namespace) -> str:
+    """The --params spec; every option checked (and the one-step defaults filled in) before JAX loads."""
+    from dynamics.errors import ConfigError
+
+    if args.run is not None:
+        given = [f for f in RUN_SETTINGS if getattr(args, f[2:].replace("-", "_")) not in (None, False)]
+        if given:
+            raise ConfigError(f"--run takes η, the optimizer and the trained parameters from {args.run}/config.json, "
+                              f"and its change is always checked: drop {', '.join(given)}")  # fmt: skip
+        arguments.check_run_record(args.run, "im", args.objective)
+    args.params = args.params or "all"
+    args.optimizer = args.optimizer or "sgd"
+    args.lr = arguments.DEFAULT_LR if args.lr is None else args.lr
     spec = arguments.resolve_params(args.params, ["im"])
-    lr = arguments.check_positive(args.lr, "--lr")
+    arguments.check_positive(args.lr, "--lr")
     arguments.check_positive(args.beta, "--beta")
-    chunk = arguments.check_chunk_size(args.chunk_size)
+    arguments.check_chunk_size(args.chunk_size)
     arguments.check_objective(args)
     from experiments.cli.preflight import check_input_file
 
     check_input_file(args.train, "--train")
     check_input_file(args.eval, "--eval")
     arguments.check_inputs(args, *OUT_FILES)
+    return spec
+
+
+def _compute(args: argparse.Namespace, loaded: Any, train: Any, ev: Any, spec: str) -> Any:
+    """The one-step prediction (and check), or the along-run one of --run."""
+    from dynamics.displacement import check_displacement, likelihood_displacement
+    from dynamics.displacement_run import displacement_along_run
+    from experiments.studies import one_step
+
+    if args.run is not None:
+        return displacement_along_run(args.run, loaded.lm, loaded.params, train, eval_responses=ev,
+                                      chunk_size=args.chunk_size, progress=True)  # fmt: skip
+    rm, params = one_step.reward_model("im", loaded, beta=args.beta)
+    arguments.check_params_on_model(rm, params, spec)
+    fn = likelihood_displacement if args.no_check else check_displacement
+    return fn(rm, params, train, eval_responses=ev, params_spec=spec, lr=args.lr, optimizer=args.optimizer,
+              objective=arguments.objective_for(args, rm), chunk_size=args.chunk_size, progress=True)  # fmt: skip
+
+
+def _header(args: argparse.Namespace, rows: list[Any], source: str, loaded: Any, spec: str) -> str:
+    what = f"one {args.optimizer} step on the {args.objective} loss (η = {args.lr:g}, params {spec})"
+    if args.run is not None:
+        what = f"along the run {args.run} (its η, optimizer, parameters, β and objective)"
+    return f"likelihood displacement: {what}, {len(rows)} pairs from {source}; model {loaded.name}" + (
+        "" if loaded.ref_source is None else f", reference {loaded.ref_source}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Checks the options and files, predicts (and checks) the displacement, prints, writes JSON + figure."""
+    spec = _check_options(args)
     rows, source, extra = _rows(args)
 
-    from dynamics.displacement import check_displacement, likelihood_displacement  # JAX from here on
-    from dynamics.outputs import write_json_atomic
+    from dynamics.outputs import portable_path, write_json_atomic  # JAX from here on
     from experiments.studies import one_step
     from figures.displacement import displacement_figure
 
@@ -120,17 +169,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = inputs.load_model(args)
     train = one_step.encode_triples(loaded, rows)
     ev = one_step.encode_unseen(loaded, extra) if extra else None
-    rm, params = one_step.reward_model("im", loaded, beta=args.beta)
-    arguments.check_params_on_model(rm, params, spec)
-    print(
-        f"likelihood displacement: one {args.optimizer} step on the {args.objective} loss of {len(rows)} pairs from "
-        f"{source} (η = {lr:g}, params {spec}); model {loaded.name}"
-        + ("" if loaded.ref_source is None else f", reference {loaded.ref_source}")
-        + f" ({time.perf_counter() - t0:.1f} s)"
-    )
-    fn = likelihood_displacement if args.no_check else check_displacement
-    result = fn(rm, params, train, eval_responses=ev, params_spec=spec, lr=lr, optimizer=args.optimizer,
-                objective=arguments.objective_for(args, rm), chunk_size=chunk, progress=True)  # fmt: skip
+    print(_header(args, rows, source, loaded, spec) + f" ({time.perf_counter() - t0:.1f} s)")
+    result = _compute(args, loaded, train, ev, spec)
     print("\n".join(table(result, rows)))
     s = result.summary()
     line = f"chosen log-likelihood predicted to fall on {s['predicted_chosen_falls']:.1%} of the pairs"
@@ -139,22 +179,21 @@ def run(args: argparse.Namespace) -> int:
                  f"y− {s['sign_agreement_rejected']:.1%})")  # fmt: skip
     print(line + f"; Spearman(ln-CHES, −Δ ln π(y+)) {s['spearman_ln_ches_vs_chosen_fall']:.3f}")
     out = Path(args.out)
+    options = {"params": spec, "lr": args.lr, "optimizer": args.optimizer, "objective": args.objective,
+               "gamma": args.gamma, "label_smoothing": args.label_smoothing, "beta": args.beta,
+               "check": not args.no_check}  # fmt: skip
+    if args.run is not None:
+        options = {"run": portable_path(args.run, out), **{k: result.meta[k] for k in ("params", "lr", "optimizer",
+                   "objective", "beta")}}  # fmt: skip
     data = {
         "model": loaded.describe(start=out),
         "train": {"source": source, "rows": one_step.describe_rows(rows)},
         "eval": None if not extra else one_step.describe_pairs(extra),
-        "options": {
-            "params": spec,
-            "lr": lr,
-            "optimizer": args.optimizer,
-            "objective": args.objective,
-            "gamma": args.gamma,
-            "label_smoothing": args.label_smoothing,
-            "beta": args.beta,
-            "check": not args.no_check,
-        },  # fmt: skip
+        "options": options,
         "result": result.to_dict(),
     }
+    if args.run is not None:
+        data["result"]["meta"]["run_dir"] = options["run"]
     js = write_json_atomic(out / "displacement.json", data)
     png, _ = displacement_figure(result, out / "displacement_scatter.png")
     print(f"wrote {js} and {png}")
