@@ -1,4 +1,4 @@
-"""Likelihood displacement along a real training run, from its checkpoints (docs/math.md §12.3).
+"""Likelihood displacement along a real training run, from its checkpoints (docs/math.md §12.1).
 
 `dynamics.displacement` predicts the change of ln π_θ(y|x) after one step. A DPO run takes many. For an IM-RM run
 of `dynamics.training.train` with checkpoints θ_{t_0} = θ_0, θ_{t_1}, …, θ_{t_C}, every step s of the interval

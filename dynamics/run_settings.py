@@ -1,5 +1,5 @@
 """β and the objective of a DPO run, read from the `training_args.bin` that transformers' Trainer (TRL's DPOTrainer
-and CPOTrainer with it) saves beside a model or adapter it writes (docs/math.md §11).
+and CPOTrainer with it) saves beside a model or adapter it writes (docs/math.md §12.2).
 
 That file is `torch.save` of the run's config object (a zip archive holding a pickle). Unpickling it for real would
 import torch, transformers and TRL and run whatever code the pickle names; `read_run_settings` instead reads the

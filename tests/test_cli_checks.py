@@ -174,6 +174,26 @@ CASES = {
         ["displacement", "--train", "{tmp}/no.jsonl", "--out", "{tmp}/o"],
         ["--train {tmp}/no.jsonl: no such file"],
     ),
+    "displacement --run": (
+        ["displacement", "--run", "{empty}", "--out", "{tmp}/o"],
+        ["--run {empty}: not a run directory of rmdyn's trainer (no config.json)"],
+    ),
+    "displacement --run --lr": (
+        ["displacement", "--run", "{empty}", "--lr", "1e-3", "--out", "{tmp}/o"],
+        ["--run takes η, the optimizer and the trained parameters from {empty}/config.json", "drop --lr"],
+    ),
+    "evaluate --data": (
+        ["evaluate", "--data", "{tmp}/no.jsonl", "--out", "{tmp}/o"],
+        ["--data {tmp}/no.jsonl: no such file"],
+    ),
+    "evaluate bad row": (
+        ["evaluate", "--data", "{evalbad}", "--out", "{tmp}/o"],
+        ["{evalbad}", "line 2"],
+    ),
+    "evaluate --chunk-size": (
+        ["evaluate", "--data", "{good}", "--chunk-size", "0", "--out", "{tmp}/o"],
+        ["--chunk-size must be ≥ 1, got 0"],
+    ),
     "footnote3 trait": (
         ["footnote3", "--set", "trait=bogus", "--out", "{tmp}/o"],
         ["traits: agreeableness, extraversion, openness"],

@@ -1,4 +1,4 @@
-"""Likelihood displacement along a real run (dynamics.displacement_run, docs/math.md §12.3), on tiny random models
+"""Likelihood displacement along a real run (dynamics.displacement_run, docs/math.md §12.1), on tiny random models
 in float64.
 
 - the actual change is ln π of the run's final checkpoint minus ln π at θ_0, computed here with

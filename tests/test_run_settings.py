@@ -109,3 +109,43 @@ def test_find_takes_the_first_directory_that_has_one(tmp_path):
     _saved(b, trl.DPOConfig(output_dir=str(tmp_path), report_to=[], bf16=False, use_cpu=True, beta=0.7))
     assert find_run_settings(None, str(a), str(b)).beta == 0.7
     assert find_run_settings(str(a), str(tmp_path / "model.gguf")) is None
+
+
+def test_commands_take_beta_from_the_run_and_report_overrides(tmp_path, capsys):
+    """`rmdyn evaluate` on a model directory holding a training_args.bin: β and the objective from it, a flag that
+    differs reported, a damaged file refused by name before any model work, --reward ex refused without a head."""
+    import json
+    import shutil
+
+    from _tiny_hf import tiny_hf_dir
+
+    from experiments import cli
+
+    trl = require("trl")
+    model = tiny_hf_dir(tmp_path / "model")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Is the sky blue?", "chosen": "Yes.", "rejected": "No."}) + "\n")
+    config = trl.DPOConfig(output_dir=str(tmp_path), report_to=[], bf16=False, use_cpu=True, beta=0.25,
+                           loss_type=["ipo"])  # fmt: skip
+    _saved(model, config)
+    argv = ["evaluate", "--data", data, "--model", model, "--ref", model]
+
+    def run(*extra):
+        code = cli.main([str(a) for a in [*argv, *extra]])
+        return code, capsys.readouterr()
+
+    code, io_ = run("--out", tmp_path / "a")
+    assert code == 0 and "(DPOConfig): β = 0.25, objective ipo" in io_.out
+    saved = json.loads((tmp_path / "a" / "evaluation.json").read_text())
+    assert saved["options"]["beta"] == 0.25 and saved["options"]["objective"] == "ipo"
+    assert saved["results"]["IM-RM"]["metrics"]["rewards/margins"] == 0.0  # π_θ = π_ref: every reward 0
+    code, io_ = run("--beta", "0.5", "--objective", "dpo", "--out", tmp_path / "b")
+    assert code == 0 and "note: --beta 0.5 overrides the run's β = 0.25" in io_.out
+    assert "note: --objective dpo overrides the run's ipo" in io_.out
+    code, io_ = run("--reward", "ex", "--out", tmp_path / "c")
+    assert code == 2 and "has no score head" in io_.err
+    bad = tmp_path / "bad"
+    shutil.copytree(model, bad)
+    (bad / "training_args.bin").write_bytes(b"junk")
+    code, io_ = run("--model", bad, "--out", tmp_path / "d")
+    assert code == 2 and f"{bad / 'training_args.bin'}: not a zip archive" in io_.err

@@ -5,7 +5,7 @@ of them (Δ ln π = Δr_IM / β), beside the change after one real optimizer ste
 the pairs whose chosen log-likelihood is predicted to fall, and each pair's length-normalised CHES similarity. With
 --model POLICY --ref REF the step starts from your own DPO policy, with its reference. With --run DIR (an IM-RM run
 of rmdyn's trainer on the --train pairs, checkpoints kept), the changes over the whole run instead: predicted by
-linearising each step at its checkpoint, beside the actual change read from the checkpoints (docs/math.md §12.3).
+linearising each step at its checkpoint, beside the actual change read from the checkpoints (docs/math.md §12.1).
 
 Prints a table, writes displacement.json and displacement_scatter.png (+ .json) under --out.
 
