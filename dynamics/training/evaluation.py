@@ -22,7 +22,7 @@ from dynamics.training.engine import CompiledStep
 from dynamics.training.rows import Rows
 from dynamics.training.scoring import score_set
 
-__all__ = ["EvalSuite", "eval_line", "evaluate", "evaluate_rewards"]
+__all__ = ["EvalSuite", "eval_line", "evaluate", "evaluate_rewards", "score_suite"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,7 @@ def evaluate_rewards(
     return out
 
 
-def evaluate(
+def score_suite(
     step: CompiledStep,
     params: Params,
     suite: EvalSuite,
@@ -129,8 +129,8 @@ def evaluate(
     config: TrainConfig,
     mesh: Any = None,
     bar: Any = None,
-) -> dict[str, float]:
-    """Scores every sequence set of `suite` and returns `evaluate_rewards`' metrics.
+) -> dict[str, np.ndarray]:
+    """The rewards of every sequence set of `suite`: {set name: [n] float64}.
 
     Args:
       step: the run's jitted functions (`compile_step`).
@@ -142,9 +142,23 @@ def evaluate(
       mesh: the device mesh the parameters are placed on (`train`'s), else None; each chunk is split over it.
       bar: a tqdm bar advanced by the rows of each scored chunk, or None.
     """
-    rewards = {
+    return {
         name: score_set(step, params, sets[name], ref_cache.get(name), config, mesh, bar) for name in suite.sequences
     }
+
+
+def evaluate(
+    step: CompiledStep,
+    params: Params,
+    suite: EvalSuite,
+    sets: Mapping[str, Rows],
+    ref_cache: Mapping[str, np.ndarray | None],
+    config: TrainConfig,
+    mesh: Any = None,
+    bar: Any = None,
+) -> dict[str, float]:
+    """`evaluate_rewards`' metrics of the rewards `score_suite` gives (the same arguments)."""
+    rewards = score_suite(step, params, suite, sets, ref_cache, config, mesh, bar)
     return evaluate_rewards(rewards, suite, config.tie_tol, config.objective_spec)
 
 

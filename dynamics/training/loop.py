@@ -53,7 +53,7 @@ from dynamics.training import engine
 from dynamics.training.batching import batch_plan, epoch_order, pass_limit
 from dynamics.training.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from dynamics.training.config import TrainConfig
-from dynamics.training.evaluation import EvalSuite, eval_line, evaluate
+from dynamics.training.evaluation import EvalSuite, eval_line, evaluate_rewards, score_suite
 from dynamics.training.interrupts import deferred_interrupt
 from dynamics.training.prepare import Run, RunState, open_run_dir, precompute, prepare_run, stage_bar
 from dynamics.training.record import record_fingerprint
@@ -131,7 +131,9 @@ def _evaluate_now(run: Run, state: RunState, bar: Any) -> dict[str, float]:
     desc = "initial evaluation" if state.step == 0 else f"evaluation at step {state.step}"
     eval_bar = stage_bar(run.progress, desc, n_eval, leave=False)
     params = _full_params(run, state)
-    evaluation = evaluate(run.step_fn, params, run.suite, run.eval_sets, run.ref_eval, run.config, run.mesh, eval_bar)
+    rewards = score_suite(run.step_fn, params, run.suite, run.eval_sets, run.ref_eval, run.config, run.mesh, eval_bar)
+    evaluation = evaluate_rewards(rewards, run.suite, run.config.tie_tol, run.config.objective_spec)
+    state.last_rewards = rewards
     eval_bar.close()
     state.timing["eval"] += time.perf_counter() - t0
     with deferred_interrupt():
@@ -251,6 +253,7 @@ def _result(
         n_trainable=run.record["mask"]["n_trainable"],
         timing=timing,
         params=final_params,
+        final_rewards=dict(state.last_rewards) if state.last_eval_step == state.step else None,
     )
 
 

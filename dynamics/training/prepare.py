@@ -111,6 +111,7 @@ class RunState:
       plan: the batch plan of epoch `plan_epoch`.
       plan_epoch: the epoch `plan` belongs to (−1: none yet).
       timing: this process's seconds ("steps", "eval"), steps ("n_steps"), packed micro-batches and passes.
+      last_rewards: the rewards of every evaluation sequence set at the last evaluation ({set: [n] float64}).
     """
 
     train_tree: Params
@@ -125,6 +126,7 @@ class RunState:
     last: dict[str, Any] = dataclasses.field(default_factory=dict)
     plan: list[list[np.ndarray]] = dataclasses.field(default_factory=list)
     plan_epoch: int = -1
+    last_rewards: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     timing: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"steps": 0.0, "eval": 0.0, "n_steps": 0, "packed": 0, "passes": 0}
     )

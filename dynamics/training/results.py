@@ -47,6 +47,8 @@ class TrainResult:
       n_trainable: number of trained scalars.
       timing: seconds spent and trace counts (never part of the metrics; not reproducible).
       params: the final parameters (not serialized).
+      final_rewards: the rewards of every evaluation sequence set at the final step ({set: [n] float64}), or None
+        when this process ran no evaluation at the final step (a resumed run that was already complete).
     """
 
     config: TrainConfig
@@ -59,6 +61,7 @@ class TrainResult:
     n_trainable: int
     timing: Mapping[str, Any]
     params: Any = dataclasses.field(default=None, repr=False, compare=False)
+    final_rewards: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (without the parameters and the history, which metrics.jsonl holds).

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
+from experiments.studies.persona.controlled import CONTROLLED_KEYS
 
 __all__ = ["PERSONA_KEYS", "PersonaTexts", "persona_data_file", "persona_texts", "persona_traits"]
 
@@ -44,6 +45,7 @@ PERSONA_KEYS = (
     "eval_words_yes",
     "eval_prefixes_no",
     "eval_words_no",
+    *CONTROLLED_KEYS,
 )
 
 

@@ -6,7 +6,9 @@ The reward model is trained on the training prompts' triples (`experiments.studi
     paraphrased responses  × training prompts / test prompts
 
 where a paraphrased pair is ("My response would be " + yes-word, "I lean toward " + no-word): its accuracy is
-computed for every (yes-word, no-word) combination and averaged over them, as the paper does.
+computed for every (yes-word, no-word) combination and averaged over them, as the paper does. With
+design = "controlled" the run also evaluates the controlled cells (`experiments.studies.persona.controlled`,
+docs/math.md §6.2.1) and writes their per-prompt accuracies at the final step to controlled.json.
 """
 
 from __future__ import annotations
@@ -74,9 +76,37 @@ def validate(values: Mapping[str, Any]) -> None:
         persona_data_file(values)  # an unknown trait or a missing data_file fails before the training imports (JAX)
     validate_training_keys("persona", values, PERSONA_KEYS)
     persona_texts(values)
+    _design(values)
     from dynamics.models import resolve_model_source
 
     resolve_model_source(values["model"])  # a missing model directory fails now, not after the first runs
+
+
+def _design(values: Mapping[str, Any]):
+    """The controlled design of a run with design = "controlled", else None (ConfigError for another value)."""
+    from dynamics.errors import ConfigError
+    from experiments.studies.persona.controlled import controlled_design
+
+    if values["design"] not in ("paper", "controlled"):
+        raise ConfigError(f"design must be 'paper' or 'controlled', got {values['design']!r}")
+    return controlled_design(values, values["n_train"]) if values["design"] == "controlled" else None
+
+
+def _write_controlled(values: Mapping[str, Any], run_dir: str | os.PathLike, result: Any) -> Any:
+    """controlled.json: the design and every cell's per-prompt accuracy at the final step (their means are the
+    cells' logged accuracies, the suite's averages)."""
+    from dynamics.outputs import write_json_atomic
+    from experiments.studies.persona.controlled import pair_accuracies
+
+    design = _design(values)
+    if result.final_rewards is None:
+        return result
+    cells = pair_accuracies(result.final_rewards, design)
+    write_json_atomic(
+        os.path.join(run_dir, "controlled.json"),
+        {"design": design.to_dict(), "step": result.steps, "cells": {k: v.tolist() for k, v in cells.items()}},
+    )
+    return result
 
 
 def run(
@@ -100,9 +130,10 @@ def run(
       The `dynamics.training.TrainResult`.
     """
     texts = persona_texts(values)
-    return train_study(
+    result = train_study(
         values, run_dir, functools.partial(_encode, values, texts), loaded=loaded, resume=resume, progress=progress
     )
+    return _write_controlled(values, run_dir, result) if values["design"] == "controlled" else result
 
 
 def _encode(values: Mapping[str, Any], texts: PersonaTexts, loaded: Any) -> EncodedRun:
@@ -133,4 +164,19 @@ def _encode(values: Mapping[str, Any], texts: PersonaTexts, loaded: Any) -> Enco
         encode = functools.partial(encode_pairs, tok, **enc)
         data = encode_preferences(tok, list(texts.train), **enc)
     suite = persona_eval_suite(encode, texts)
+    design = _design(values)
+    if design is not None:
+        suite = _with_controlled(suite, encode, texts, design, tok)
     return EncodedRun(loaded.lm, loaded.params, data, suite, data_info=texts.info, answer_ids=answer_ids)
+
+
+def _with_controlled(suite: Any, encode: Any, texts: PersonaTexts, design: Any, tokenizer: Any) -> Any:
+    """`suite` with the controlled cells' sets, comparisons and averages; the new words checked as tokens first."""
+    from dynamics.training import EvalSuite
+    from experiments.studies.persona.controlled import check_tokens, controlled_suite
+
+    check_tokens(design, tokenizer)
+    sequences, comparisons, averages = controlled_suite(encode, texts, design)
+    return EvalSuite(
+        {**suite.sequences, **sequences}, {**suite.comparisons, **comparisons}, {**suite.averages, **averages}
+    )
