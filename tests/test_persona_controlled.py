@@ -139,3 +139,54 @@ def test_a_trait_file_with_too_few_rows_is_refused(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ConfigError, match=r"n_train \+ n_test = 120 but .*tiny_trait.jsonl has only 10 rows"):
         validate(_values(f"data_file={path}"))
+
+
+def test_the_report_of_a_controlled_plan(tmp_path):
+    """controlled_report on run directories holding controlled.json: the pooled cells, the intervals (against
+    dynamics.intervals on the same grids), EX − IM paired by seed, the Markdown table and the forest plot."""
+    import json
+
+    from dynamics.intervals import bootstrap_interval, paired_difference
+    from experiments.studies.persona.controlled_report import controlled_report
+
+    plan = load_plan("persona", "controlled", [])
+    values = dict(plan.runs()[0].values)
+    design = controlled_design(values, values["n_train"])
+    rng = np.random.default_rng(0)
+    grids = {}
+    for spec in plan.runs():
+        kind, seed = spec.values["reward"], spec.values["seed"]
+        cells = {}
+        for split, n in (("train", 40), ("test", 40)):
+            for lst in design.words:
+                for opening in ("seen", "new"):
+                    level = 0.9 if kind == "ex" else 0.4
+                    cells[f"same/{split}/{opening}/{lst.name}"] = np.clip(level + 0.1 * rng.standard_normal(n), 0, 1)
+                cells[f"opening/{split}/{lst.name}"] = rng.uniform(0, 1, n)
+        run_dir = tmp_path / spec.name
+        run_dir.mkdir()
+        (run_dir / "controlled.json").write_text(json.dumps({"cells": {k: v.tolist() for k, v in cells.items()}}))
+        new = np.mean([v for k, v in cells.items() if k.startswith("same/test/") and not k.endswith("/seen")], axis=0)
+        grids.setdefault(kind, {})[seed] = new
+    paths = controlled_report(plan, tmp_path, n_boot=400)
+    assert [p.name for p in paths] == ["controlled_report.json", "controlled_report.md", "controlled_forest.png",
+                                       "controlled_forest.json"]  # fmt: skip
+    table = json.loads((tmp_path / "controlled_report.json").read_text())
+    (group,) = table["groups"].values()
+    assert group["seeds"] == {"IM-RM": [0, 1, 2], "EX-RM": [0, 1, 2]}
+    assert group["headline"][:3] == ["train/new words", "train/seen words", "train/opening effect"]
+    row = group["cells"]["test/new words"]
+    ex, im = np.stack([grids["ex"][s] for s in (0, 1, 2)]), np.stack([grids["im"][s] for s in (0, 1, 2)])
+    assert row["EX-RM"] == pytest.approx(bootstrap_interval(ex, n_boot=400).to_dict())
+    assert row["EX-RM − IM-RM"] == pytest.approx(paired_difference(ex, im, n_boot=400).to_dict())
+    assert row["EX-RM − IM-RM"]["low"] > 0.4  # EX at 0.9 and IM at 0.4 by construction
+    md = (tmp_path / "controlled_report.md").read_text()
+    assert "| test/new words |" in md and "95% bootstrap interval" in md
+    assert (tmp_path / "controlled_forest.png").stat().st_size > 10_000
+
+
+def test_the_report_needs_every_run(tmp_path):
+    from experiments.studies.persona.controlled_report import controlled_report
+
+    with pytest.raises(ConfigError, match=r"reward=im,seed=0/controlled.json: no such file"):
+        controlled_report(load_plan("persona", "controlled", []), tmp_path)

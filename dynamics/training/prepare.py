@@ -34,6 +34,7 @@ from dynamics.training.engine import CompiledStep, compile_step
 from dynamics.training.evaluation import EvalSuite
 from dynamics.training.hidden import frozen_prefix
 from dynamics.training.record import check_checkpoint_config, check_resume, run_record
+from dynamics.training.reuse import digest, reused
 from dynamics.training.rows import Rows
 from dynamics.training.scoring import add_lower_cache, sequence_logprobs
 
@@ -269,14 +270,29 @@ def stage_bar(progress: bool, desc: str, total: int, leave: bool = True) -> Any:
     return tqdm(total=total, desc=desc, unit="seq", disable=not progress, leave=leave)
 
 
+def _rows_digest(rows: Rows) -> str:
+    """The digest of every field of `rows` but the cache `x` (tokens, masks, packing: all that shapes the pass)."""
+    return digest(*(getattr(rows, f.name) for f in dataclasses.fields(rows) if f.name != "x"))
+
+
 def precompute(run: Run, ref_params: Params | None) -> None:
     """Fills in the frozen blocks' output (when cached) and the IM-RM's ln π_ref of every training and eval row."""
     config, step_fn, mesh = run.config, run.step_fn, run.mesh
     chunk = eval_chunk(config, data_devices(mesh))
-    if step_fn.start > 0:  # blocks below `start` never change: run them once per row
+    limit = config.cache_max_gb * 2**30
+    # what the output depends on besides the rows: the program (blocks, bucket, chunk, devices) and the parameters
+    program = (step_fn.start, config.bucket, chunk, data_devices(mesh), run.rm.lm.config)
+    if step_fn.start > 0:  # blocks below `start` never change: run them once per row (once per process, `reused`)
         n_rows = 2 * run.pairs.n_rows + sum(rows.n_rows for rows in run.eval_sets.values())
         bar = stage_bar(run.progress, f"caching frozen blocks 0-{step_fn.start - 1}", n_rows)
-        cache = lambda rows: add_lower_cache(step_fn, run.frozen["lm"], rows, chunk, config.bucket, mesh, bar)  # noqa: E731
+        frozen = digest(run.frozen["lm"])
+
+        def cache(rows):
+            key = ("lower", frozen, program, _rows_digest(rows))
+            x = reused(key, lambda: add_lower_cache(step_fn, run.frozen["lm"], rows, chunk, config.bucket, mesh,
+                                                    bar).x, limit, bar, rows.n_rows)  # fmt: skip
+            return rows.replace(x=x)
+
         run.pairs = dataclasses.replace(run.pairs, chosen=cache(run.pairs.chosen), rejected=cache(run.pairs.rejected))
         run.eval_sets = {name: cache(rows) for name, rows in run.eval_sets.items()}
         bar.close()
@@ -286,8 +302,14 @@ def precompute(run: Run, ref_params: Params | None) -> None:
     ref_on = run.place(ref_params) if ref_params is not None else None
     n_ref = 2 * run.pairs.n_rows + sum(rows.n_rows for rows in run.eval_sets.values())
     bar = stage_bar(run.progress, "reference log-probs ln π_ref", n_ref)
-    ref_c, ref_r = (sequence_logprobs(step_fn, ref_on, s, config, mesh, bar).astype(run.lp_dtype)
-                    for s in (run.pairs.chosen, run.pairs.rejected))  # fmt: skip
+    ref = digest(ref_params) if ref_params is not None else None
+
+    def ref_logprobs(rows):
+        key = ("ref", ref, program, _rows_digest(rows))
+        compute = lambda: sequence_logprobs(step_fn, ref_on, rows, config, mesh, bar)  # noqa: E731
+        return compute() if ref is None else reused(key, compute, limit, bar, rows.n_rows)
+
+    ref_c, ref_r = (ref_logprobs(s).astype(run.lp_dtype) for s in (run.pairs.chosen, run.pairs.rejected))
     run.pairs = dataclasses.replace(run.pairs, ref_chosen=ref_c, ref_rejected=ref_r)
-    run.ref_eval = {name: sequence_logprobs(step_fn, ref_on, s, config, mesh, bar) for name, s in run.eval_sets.items()}
+    run.ref_eval = {name: ref_logprobs(s) for name, s in run.eval_sets.items()}
     bar.close()

@@ -68,11 +68,17 @@ MODEL_KEYS = ("model", "dtype", "max_length", "truncate", "bucket_pad")
 
 
 def train_config(values: Mapping[str, Any]) -> Any:
-    """The `dynamics.training.TrainConfig` of a run: the plan keys that are TrainConfig fields (validated there)."""
+    """The `dynamics.training.TrainConfig` of a run: the plan keys that are TrainConfig fields (validated there).
+
+    A plan's head_seed = -1 means "the run's seed", so that one grid axis over `seed` varies the data order and the
+    EX-RM head's initialisation together."""
     from dynamics.training import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in names})
+    fields = {k: v for k, v in values.items() if k in names}
+    if fields.get("head_seed") == -1 and "seed" in fields:
+        fields["head_seed"] = fields["seed"]
+    return TrainConfig(**fields)
 
 
 def validate_training_keys(experiment: str, values: Mapping[str, Any], own_keys: Sequence[str]) -> Any:

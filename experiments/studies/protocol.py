@@ -38,6 +38,8 @@ class StudyRunner:
         writes its run directory.
       table: (plan, {run name: final_eval}) → the study's table of the plan's runs (JSON-ready).
       format_table: (table) → the table as aligned text.
+      report: (plan, output directory) → the paths of the study's report files written there after all runs
+        (e.g. the controlled Persona design's intervals and forest plot), or [] when the plan has none.
     """
 
     name: str
@@ -45,6 +47,7 @@ class StudyRunner:
     run: Callable[..., Any]
     table: Callable[[Any, Mapping[str, Mapping[str, float]]], dict[str, Any]]
     format_table: Callable[[Mapping[str, Any]], str]
+    report: Callable[[Any, Any], list[Any]] = dataclasses.field(default=lambda plan, out: [])
 
 
 def study_runner(name: str, source: str = "the plan") -> StudyRunner:

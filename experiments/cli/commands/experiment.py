@@ -148,4 +148,6 @@ def run(args: argparse.Namespace) -> int:
     print("\n" + runner.format_table(report["table"]))
     write_json_atomic(out / "results.json", report)
     print(f"\nwrote {out / 'results.json'}")
+    for path in runner.report(plan, out):
+        print(f"wrote {path}")
     return 0

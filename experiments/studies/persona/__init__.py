@@ -11,4 +11,7 @@ def study() -> StudyRunner:
     from experiments.studies.persona import report
     from experiments.studies.persona import runner as persona_runner
 
-    return StudyRunner("persona", persona_runner.validate, persona_runner.run, report.plan_table, report.format_table)
+    return StudyRunner(
+        "persona", persona_runner.validate, persona_runner.run, report.plan_table, report.format_table,
+        persona_runner.plan_report,
+    )  # fmt: skip

@@ -23,7 +23,7 @@ from experiments.plans.grammar import train_config, validate_training_keys
 from experiments.studies.persona.data import PERSONA_KEYS, PersonaTexts, persona_data_file, persona_texts
 from experiments.studies.training import EncodedRun, encoding_options, train_study
 
-__all__ = ["combination_name", "persona_eval_suite", "run", "validate"]
+__all__ = ["combination_name", "persona_eval_suite", "plan_report", "run", "validate"]
 
 
 def combination_name(split: str, yes: str, no: str) -> str:
@@ -180,3 +180,13 @@ def _with_controlled(suite: Any, encode: Any, texts: PersonaTexts, design: Any, 
     return EvalSuite(
         {**suite.sequences, **sequences}, {**suite.comparisons, **comparisons}, {**suite.averages, **averages}
     )
+
+
+def plan_report(plan: Any, out_dir: str | os.PathLike) -> list[Any]:
+    """The controlled design's report of a plan whose runs use design = "controlled" (`controlled_report`: the
+    per-cell intervals as JSON and Markdown, the forest plot), else nothing."""
+    if not any(spec.values["design"] == "controlled" for spec in plan.runs()):
+        return []
+    from experiments.studies.persona.controlled_report import controlled_report
+
+    return controlled_report(plan, out_dir)
