@@ -190,3 +190,20 @@ def test_the_report_needs_every_run(tmp_path):
 
     with pytest.raises(ConfigError, match=r"reward=im,seed=0/controlled.json: no such file"):
         controlled_report(load_plan("persona", "controlled", []), tmp_path)
+
+
+def test_augmentation_adds_k_words_per_side_to_training_and_to_the_seen_list(tokenizer):
+    values = dict(load_plan("persona", "remedy", ["augment_k=2"]).runs()[0].values)
+    texts = persona_texts(values)
+    yes, no = ["yes", "sure", "indeed", "definitely"], ["no", "never", "hardly", "unlikely"]
+    used_yes = {next(w for w in yes if r["chosen"].endswith(" " + w)) for r in texts.train}
+    used_no = {next(w for w in no if r["rejected"].endswith(" " + w)) for r in texts.train}
+    assert used_yes == set(yes) and used_no == set(no)  # 80 draws from 4 words: every word is used
+    design = controlled_design(values, values["n_train"])
+    assert design.words[0].yes == tuple(yes) and design.words[0].no == tuple(no)
+    assert [lst.name for lst in design.words] == ["seen", "new1"]
+    check_tokens(design, tokenizer)  # the held-out words stay new as tokens
+    with pytest.raises(ConfigError, match=r"augment_k must be in 0…4 .* got 5"):
+        validate(dict(load_plan("persona", "remedy", ["augment_k=5"]).runs()[0].values))
+    with pytest.raises(ConfigError, match="augment_words: 'sure' is already a training word"):
+        validate(dict(load_plan("persona", "remedy", ["augment_k=1", 'augment_words_yes=["sure"]']).runs()[0].values))

@@ -373,3 +373,25 @@ def test_figures_on_the_real_runs(persona_out, hamiltonian_out, ultrafeedback_ou
             )
     index = (figs / "index.md").read_text()
     assert "persona_table" in index and "hamiltonian_table" in index and "ultrafeedback_aggregate" in index
+
+
+def test_persona_controlled_preset(tiny_dir, tmp_path):
+    """`rmdyn experiment persona --preset controlled` on the tiny model, 2 seeds: every run's controlled.json, whose
+    per-prompt cell accuracies average to the cells the evaluator logged, and the report with its forest plot."""
+    overrides = [*PERSONA, "controlled_train_prompts=4", "epochs=1", "options.seed=[0,1]"]
+    out = tmp_path / "controlled"
+    assert cli.main(_argv("persona", tiny_dir, overrides, out, "--preset", "controlled")) == 0
+    finals = _json(out / "results.json")["final_eval"]
+    assert sorted(finals) == ["reward=ex,seed=0", "reward=ex,seed=1", "reward=im,seed=0", "reward=im,seed=1"]
+    for name, final in finals.items():
+        cells = _json(out / name / "controlled.json")["cells"]
+        assert len(cells) == 2 * (2 * 4 + 4)  # splits × (opening kinds × word lists + opening cells)
+        for cell, per_prompt in cells.items():
+            assert len(per_prompt) == 4 and all(0.0 <= v <= 1.0 for v in per_prompt)
+            assert np.mean(per_prompt) == pytest.approx(final[f"{cell}/rewards/accuracies"], abs=1e-12), (name, cell)
+        record = _json(out / name / "config.json")
+        assert record["train"]["head_seed"] == record["train"]["seed"]  # head_seed = -1 follows the seed
+    report = _json(out / "controlled_report.json")
+    (group,) = report["groups"].values()
+    assert group["seeds"] == {"IM-RM": [0, 1], "EX-RM": [0, 1]} and "EX-RM − IM-RM" in group["cells"]["test/new words"]
+    assert (out / "controlled_forest.png").stat().st_size > 10_000 and (out / "controlled_report.md").is_file()

@@ -47,6 +47,7 @@ __all__ = [
     "controlled_sets",
     "controlled_suite",
     "pair_accuracies",
+    "training_words",
 ]
 
 #: The plan keys of the design (experiments/plans/persona.toml).
@@ -102,6 +103,26 @@ def _strings(values: Mapping[str, Any], key: str) -> list[str]:
     return list(items)
 
 
+def training_words(values: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """The answer words training draws from: words_yes / words_no plus the first `augment_k` words of
+    augment_words_yes / augment_words_no (the paraphrase-augmentation remedy, docs/math.md §6.2.3).
+
+    Raises:
+      ConfigError: augment_k < 0 or larger than a pool, or a pool word that is already a training word.
+    """
+    k = values["augment_k"]
+    yes, no = _strings(values, "words_yes"), _strings(values, "words_no")
+    pools = {side: values[f"augment_words_{side}"] for side in ("yes", "no")}
+    if not isinstance(k, int) or k < 0 or any(k > len(p) for p in pools.values()):
+        sizes = {side: len(p) for side, p in pools.items()}
+        raise ConfigError(f"augment_k must be in 0…{min(sizes.values())} (the augment_words pools {sizes}), got {k!r}")
+    extra_yes, extra_no = list(pools["yes"][:k]), list(pools["no"][:k])
+    for w in extra_yes + extra_no:
+        if w in yes + no:
+            raise ConfigError(f"augment_words: {w!r} is already a training word")
+    return yes + extra_yes, no + extra_no
+
+
 def _word_lists(values: Mapping[str, Any]) -> list[WordList]:
     yes, no = values["new_words_yes"], values["new_words_no"]
     if not isinstance(yes, list) or not isinstance(no, list) or not yes or len(yes) != len(no):
@@ -138,8 +159,9 @@ def controlled_design(values: Mapping[str, Any], n_train: int) -> ControlledDesi
 
     Raises:
       ConfigError: an empty word or opening list; word lists that overlap (within or across lists, the training
-        words included); a new opening that is a training opening or contains an answer word; training openings
-        unequally many per polarity (the seen-opening cells would then lean to one polarity's openings);
+        words and their augment_k augmentation words included); a new opening that is a training opening or
+        contains an answer word; training openings unequally many per polarity (the seen-opening cells would
+        then lean to one polarity's openings);
         controlled_train_prompts outside 1…n_train.
     """
     openings_yes, openings_no = _strings(values, "prefixes_yes"), _strings(values, "prefixes_no")
@@ -150,7 +172,8 @@ def controlled_design(values: Mapping[str, Any], n_train: int) -> ControlledDesi
             f"{len(openings_no)}"
         )
     new_openings = _strings(values, "new_openings")
-    seen = WordList("seen", tuple(_strings(values, "words_yes")), tuple(_strings(values, "words_no")))
+    yes, no = training_words(values)
+    seen = WordList("seen", tuple(yes), tuple(no))
     lists = [seen, *_word_lists(values)]
     _check_disjoint(lists)
     all_openings = openings_yes + openings_no

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dynamics.errors import ConfigError, DataError
-from experiments.studies.persona.controlled import CONTROLLED_KEYS
+from experiments.studies.persona.controlled import CONTROLLED_KEYS, training_words
 
 __all__ = ["PERSONA_KEYS", "PersonaTexts", "persona_data_file", "persona_texts", "persona_traits"]
 
@@ -46,6 +46,9 @@ PERSONA_KEYS = (
     "eval_prefixes_no",
     "eval_words_no",
     *CONTROLLED_KEYS,
+    "augment_k",
+    "augment_words_yes",
+    "augment_words_no",
 )
 
 
@@ -138,6 +141,7 @@ def persona_texts(values: Mapping[str, Any]) -> PersonaTexts:
             f"{values['answer']!r}"
         )
     lists = {k: _nonempty(values, k) for k in ("prefixes_yes", "words_yes", "prefixes_no", "words_no")}
+    lists["words_yes"], lists["words_no"] = training_words(values)
     evals = {
         k: _nonempty(values, k) for k in ("eval_prefixes_yes", "eval_words_yes", "eval_prefixes_no", "eval_words_no")
     }
