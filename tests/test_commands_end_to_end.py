@@ -359,3 +359,31 @@ def test_delta_closed_form_against_numpy(tiny_dir, loaded, tmp_path, capsys):
     expected = [lr * beta**2 * 0.5 * np.sum(g * (grads[0] - grads[1])) for g in grads[2:]]
     np.testing.assert_allclose(res["IM-RM"]["delta"], expected, rtol=1e-4)
     assert res["IM-RM"]["reward_before"] == [0.0, 0.0]
+
+
+def test_footnote3_on_the_controlled_cells_against_numpy(tiny_dir, loaded, tmp_path, capsys):
+    """`rmdyn footnote3 --set design=controlled`: u*'s cosines with one controlled cell's same-opening differences,
+    recomputed from last-token states (transformers) and scipy's max-margin direction."""
+    from experiments.plans.grammar import load_plan
+    from experiments.studies.persona.data import persona_texts
+
+    sets = ["n_train=6", "n_test=3", "design=controlled", "controlled_train_prompts=2"]
+    _main(["footnote3", "--model", tiny_dir, *[a for s in sets for a in ("--set", s)], "--out", tmp_path], capsys)
+    data = json.loads((tmp_path / "footnote3.json").read_text())
+    texts = persona_texts(dict(load_plan("persona", None, sets).values))
+    assert data["shapes"]["same/test/new/new2"] == [3 * 4 * 3, 16]  # 3 new openings × 2×2 word pairs × 3 prompts
+    prompts = [r["prompt"] for r in texts.train] * 2
+    responses = [r["chosen"] for r in texts.train] + [r["rejected"] for r in texts.train]
+    h = last_hidden(loaded, prompts, responses)
+    u = max_margin(h[:6] - h[6:12])
+    test = [r["prompt"] for r in texts.test]
+    diffs = []
+    for o in ("My response would be ", "I lean toward ", "Here is my answer: "):
+        for a, b in itertools.product(("indeed", "definitely"), ("hardly", "unlikely")):
+            hh = last_hidden(loaded, test * 2, [o + a] * 3 + [o + b] * 3)
+            diffs.append(hh[:3] - hh[3:])
+    d = np.concatenate(diffs)
+    cos = (d @ u) / (np.linalg.norm(d, axis=1) * np.linalg.norm(u))
+    got = data["statistics"]["u*·same/test/new/new2 cosine"]
+    assert got["count"] == cos.size and got["mean"] == pytest.approx(cos.mean(), rel=1e-3, abs=1e-4)
+    assert got["fraction_positive"] == pytest.approx(np.mean(cos > 0), abs=1.01 / cos.size)

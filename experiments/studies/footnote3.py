@@ -195,8 +195,35 @@ def hidden_differences(loaded: Any, texts: Any, values: Mapping[str, Any], chunk
     return out
 
 
+def controlled_differences(
+    loaded: Any, texts: Any, values: Mapping[str, Any], chunk: int = 16
+) -> dict[str, np.ndarray]:
+    """The same-opening differences h(o + a) − h(o + b) of every cell of the controlled design (docs/math.md
+    §6.2.1), last-token states of the pre-trained model: {"same/{split}/{seen|new}/{list}": [pairs · P, D]}."""
+    from dynamics.text import encode_pairs
+    from experiments.studies.persona.controlled import controlled_design, controlled_prompts, controlled_sets
+
+    enc = {"max_length": values["max_length"], "truncate": values["truncate"]}
+    design = controlled_design(values, values["n_train"])
+
+    def states(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        return _features(loaded.lm, loaded.params, encode_pairs(loaded.tokenizer, prompts, responses, **enc), chunk)
+
+    sets = controlled_sets(states, controlled_prompts(texts, design), design)
+    out = {}
+    for split in ("train", "test"):
+        for kind in ("seen", "new"):
+            for lst in design.words:
+                parts = [sets[f"{split}/controlled/{o}|{a}"] - sets[f"{split}/controlled/{o}|{b}"]
+                         for o in design.openings(kind) for a, b in itertools.product(lst.yes, lst.no)]  # fmt: skip
+                out[f"same/{split}/{kind}/{lst.name}"] = np.concatenate(parts)
+    return out
+
+
 def run_footnote3(values: Mapping[str, Any], *, loaded: Any = None, chunk: int = 16) -> Footnote3Result:
-    """Footnote 3 on a model (default: the default model), pre-trained, no fine-tuning.
+    """Footnote 3 on a model (default: the default model), pre-trained, no fine-tuning. With design = "controlled",
+    also the cosines of u* with the same-opening differences of every controlled cell: their fraction positive is
+    the accuracy an EX-RM head at u* would have on the cell's pairs with these features (Theorem 2).
 
     Args:
       values: Persona plan keys (`experiments.plans.grammar.load_plan("persona").values`, with overrides).
@@ -234,9 +261,13 @@ def run_footnote3(values: Mapping[str, Any], *, loaded: Any = None, chunk: int =
         "combinations": [f"{a}|{b}" for a, b in itertools.product(texts.eval_words_yes, texts.eval_words_no)],
         "hidden": "final hidden state (after the final norm) at the last real token of the chat-templated sequence",
     }
+    statistics = footnote3_statistics(diffs["seen"], diffs["unseen_train"], diffs["unseen_test"], u_star)
+    if values.get("design") == "controlled" and u_star is not None:  # u* on the controlled cells (§6.2.1)
+        for cell, d in controlled_differences(loaded, texts, values, chunk).items():
+            statistics[f"u*·{cell} cosine"] = summary_stats(_cosines(np.asarray(u_star)[None, :], d))
+            diffs[cell] = d
     shapes = {k: tuple(int(s) for s in v.shape) for k, v in diffs.items()}
-    return Footnote3Result(footnote3_statistics(diffs["seen"], diffs["unseen_train"], diffs["unseen_test"], u_star),
-                           max_margin, shapes, info)  # fmt: skip
+    return Footnote3Result(statistics, max_margin, shapes, info)
 
 
 def format_statistics(result: Footnote3Result | Mapping[str, Any]) -> str:
