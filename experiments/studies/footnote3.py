@@ -205,11 +205,19 @@ def controlled_differences(
 
     enc = {"max_length": values["max_length"], "truncate": values["truncate"]}
     design = controlled_design(values, values["n_train"])
+    # every set's rows in one batch, through one compiled function (`_features` compiles once per call)
+    spans, prompts, responses = {}, [], []
 
-    def states(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-        return _features(loaded.lm, loaded.params, encode_pairs(loaded.tokenizer, prompts, responses, **enc), chunk)
+    def collect(p: Sequence[str], r: Sequence[str]) -> str:
+        key = f"{len(prompts)}"
+        spans[key] = (len(prompts), len(prompts) + len(p))
+        prompts.extend(p)
+        responses.extend(r)
+        return key
 
-    sets = controlled_sets(states, controlled_prompts(texts, design), design)
+    keys = controlled_sets(collect, controlled_prompts(texts, design), design)
+    h = _features(loaded.lm, loaded.params, encode_pairs(loaded.tokenizer, prompts, responses, **enc), chunk)
+    sets = {name: h[slice(*spans[key])] for name, key in keys.items()}
     out = {}
     for split in ("train", "test"):
         for kind in ("seen", "new"):
