@@ -385,10 +385,12 @@ def test_persona_controlled_preset(tiny_dir, tmp_path):
     assert sorted(finals) == ["reward=ex,seed=0", "reward=ex,seed=1", "reward=im,seed=0", "reward=im,seed=1"]
     for name, final in finals.items():
         cells = _json(out / name / "controlled.json")["cells"]
-        assert len(cells) == 2 * (2 * 4 + 4)  # splits × (opening kinds × word lists + opening cells)
+        assert len(cells) == 2 * (2 * 4 + 4 + 2)  # splits × (opening kinds × word lists + opening cells + paper's 2)
         for cell, per_prompt in cells.items():
-            assert len(per_prompt) == 4 and all(0.0 <= v <= 1.0 for v in per_prompt)
-            assert np.mean(per_prompt) == pytest.approx(final[f"{cell}/rewards/accuracies"], abs=1e-12), (name, cell)
+            logged = cell if not cell.startswith("paper/") else "{2}/{1}".format(*cell.split("/"))
+            assert all(0.0 <= v <= 1.0 for v in per_prompt)
+            assert len(per_prompt) == (8 if cell.startswith("paper/train") else 4)  # all 8 training prompts
+            assert np.mean(per_prompt) == pytest.approx(final[f"{logged}/rewards/accuracies"], abs=1e-12), (name, cell)
         record = _json(out / name / "config.json")
         assert record["train"]["head_seed"] == record["train"]["seed"]  # head_seed = -1 follows the seed
     report = _json(out / "controlled_report.json")

@@ -270,6 +270,12 @@ def stage_bar(progress: bool, desc: str, total: int, leave: bool = True) -> Any:
     return tqdm(total=total, desc=desc, unit="seq", disable=not progress, leave=leave)
 
 
+def _lower_params(lm_params: Params, start: int) -> Params:
+    """The parameters the frozen blocks' pass reads: the input embedding and blocks 0 … start − 1."""
+    keep = {"embed", *(f"layers_{i}" for i in range(start))}
+    return {k: v for k, v in lm_params.items() if k in keep}
+
+
 def _rows_digest(rows: Rows) -> str:
     """The digest of every field of `rows` but the cache `x` (tokens, masks, packing: all that shapes the pass)."""
     return digest(*(getattr(rows, f.name) for f in dataclasses.fields(rows) if f.name != "x"))
@@ -281,11 +287,13 @@ def precompute(run: Run, ref_params: Params | None) -> None:
     chunk = eval_chunk(config, data_devices(mesh))
     limit = config.cache_max_gb * 2**30
     # what the output depends on besides the rows: the program (blocks, bucket, chunk, devices) and the parameters
-    program = (step_fn.start, config.bucket, chunk, data_devices(mesh), run.rm.lm.config)
+    # (tying the unembedding changes no block: an EX-RM and an IM-RM that unties it share their frozen blocks)
+    program = (step_fn.start, config.bucket, chunk, data_devices(mesh), dataclasses.replace(run.rm.lm.config,
+               tie_embeddings=None))  # fmt: skip
     if step_fn.start > 0:  # blocks below `start` never change: run them once per row (once per process, `reused`)
         n_rows = 2 * run.pairs.n_rows + sum(rows.n_rows for rows in run.eval_sets.values())
         bar = stage_bar(run.progress, f"caching frozen blocks 0-{step_fn.start - 1}", n_rows)
-        frozen = digest(run.frozen["lm"])
+        frozen = digest(_lower_params(run.frozen["lm"], step_fn.start))
 
         def cache(rows):
             key = ("lower", frozen, program, _rows_digest(rows))

@@ -6,7 +6,7 @@ regime). Within a group, a cell's per-prompt accuracies of the S seeds form an [
 (controlled.json of each run); `dynamics.intervals.bootstrap_interval` gives its mean and 95 % interval, and
 `paired_difference` that of EX − IM, paired by seed and prompt (the same seed trains on the same data order). Two
 pooled cells lead the table: "new words" (every new word list, every opening) and "seen words" (the training
-words, every opening), each per split.
+words, every opening), each per split, and the paper's own paraphrase cell ("paper/{split}/paraphrased").
 
 `controlled_report` writes controlled_report.json (every interval), controlled_report.md (the table) and
 controlled_forest.png (+ .json), the forest plot, under the plan's output directory.
@@ -26,7 +26,7 @@ from dynamics.errors import ConfigError
 __all__ = ["HEADLINE", "collect_cells", "controlled_report", "format_markdown", "interval_table", "pooled_cells"]
 
 #: The pooled cells that lead the table, per split.
-HEADLINE = ("new words", "seen words", "opening effect")
+HEADLINE = ("new words", "seen words", "opening effect", "paraphrased")
 
 _VARYING = ("reward", "seed", "head_seed")
 
@@ -90,7 +90,7 @@ def interval_table(groups: Mapping[str, Any], *, n_boot: int = 10_000, level: fl
         seeds = {label: sorted(runs) for label, runs in by_reward.items()}
         first = next(iter(by_reward.values()))
         cells = list(next(iter(first.values())))
-        headline = [c for c in cells if c.split("/")[-1] in HEADLINE]
+        headline = [c for c in cells if c.split("/")[-1] in HEADLINE and not c.startswith("same/")]
         order = headline + [c for c in cells if c not in headline]
         table: dict[str, Any] = {}
         for cell in order:

@@ -92,6 +92,28 @@ def _design(values: Mapping[str, Any]):
     return controlled_design(values, values["n_train"]) if values["design"] == "controlled" else None
 
 
+def _paper_cells(rewards: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-prompt accuracies of the paper's evaluation (docs/math.md §6.2), beside the controlled cells:
+    "paper/{split}/original" and "paper/{split}/paraphrased" (the mean over the 2 × 2 word combinations), ties ½."""
+    import numpy as np
+
+    def wins(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+
+    out = {}
+    for split in ("train", "test"):
+        out[f"paper/{split}/original"] = wins(
+            rewards[f"{split}/original/chosen"], rewards[f"{split}/original/rejected"]
+        )
+        combos = itertools.product(values["eval_words_yes"], values["eval_words_no"])
+        out[f"paper/{split}/paraphrased"] = np.mean(
+            [wins(rewards[f"{split}/paraphrased/yes/{a}"], rewards[f"{split}/paraphrased/no/{b}"]) for a, b in combos],
+            axis=0,
+        )
+    return out
+
+
 def _write_controlled(values: Mapping[str, Any], run_dir: str | os.PathLike, result: Any) -> Any:
     """controlled.json: the design and every cell's per-prompt accuracy at the final step (their means are the
     cells' logged accuracies, the suite's averages)."""
@@ -101,7 +123,7 @@ def _write_controlled(values: Mapping[str, Any], run_dir: str | os.PathLike, res
     design = _design(values)
     if result.final_rewards is None:
         return result
-    cells = pair_accuracies(result.final_rewards, design)
+    cells = {**pair_accuracies(result.final_rewards, design), **_paper_cells(result.final_rewards, values)}
     write_json_atomic(
         os.path.join(run_dir, "controlled.json"),
         {"design": design.to_dict(), "step": result.steps, "cells": {k: v.tolist() for k, v in cells.items()}},
