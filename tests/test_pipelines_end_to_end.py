@@ -378,14 +378,15 @@ def test_figures_on_the_real_runs(persona_out, hamiltonian_out, ultrafeedback_ou
 def test_persona_controlled_preset(tiny_dir, tmp_path):
     """`rmdyn experiment persona --preset controlled` on the tiny model, 2 seeds: every run's controlled.json, whose
     per-prompt cell accuracies average to the cells the evaluator logged, and the report with its forest plot."""
-    overrides = [*PERSONA, "controlled_train_prompts=4", "epochs=1", "options.seed=[0,1]"]
+    small = ['new_openings=["Here is my answer: "]', 'new_words_yes=[["indeed"]]', 'new_words_no=[["hardly"]]']
+    overrides = [*PERSONA, "controlled_train_prompts=4", "epochs=1", "options.seed=[0,1]", *small]
     out = tmp_path / "controlled"
     assert cli.main(_argv("persona", tiny_dir, overrides, out, "--preset", "controlled")) == 0
     finals = _json(out / "results.json")["final_eval"]
     assert sorted(finals) == ["reward=ex,seed=0", "reward=ex,seed=1", "reward=im,seed=0", "reward=im,seed=1"]
     for name, final in finals.items():
         cells = _json(out / name / "controlled.json")["cells"]
-        assert len(cells) == 2 * (2 * 4 + 4 + 2)  # splits × (opening kinds × word lists + opening cells + paper's 2)
+        assert len(cells) == 2 * (2 * 2 + 2 + 2)  # splits × (opening kinds × word lists + opening cells + paper's 2)
         for cell, per_prompt in cells.items():
             logged = cell if not cell.startswith("paper/") else "{2}/{1}".format(*cell.split("/"))
             assert all(0.0 <= v <= 1.0 for v in per_prompt)
