@@ -11,8 +11,8 @@ from test_attribution_run import _world
 from dynamics.training import EvalSuite, TrainConfig, reuse, train
 
 
-def _run(lm, params, data, evalset, seed):
-    options = {"reward": "im", "params": "last:1", "optimizer": "adam", "lr": 1e-3, "epochs": 2, "batch_size": 4,
+def _run(lm, params, data, evalset, seed, reward="im"):
+    options = {"reward": reward, "params": "last:1", "optimizer": "adam", "lr": 1e-3, "epochs": 2, "batch_size": 4,
                "micro_batch_size": 4, "bucket": 16, "pack_pairs": False, "seed": seed}  # fmt: skip
     suite = EvalSuite.from_preferences({"eval": evalset})
     return train(TrainConfig(**options), lm, params, data, suite, run_dir=None, progress=False)
@@ -39,4 +39,20 @@ def test_a_second_run_reuses_and_matches_a_fresh_one(x64):
     other = jax.tree.map(lambda a: a * 1.01, params)
     _run(lm, other, data, evalset, seed=2)
     assert reuse.stats()["misses"] == 16  # other frozen weights: computed again
+    reuse.clear()
+
+
+def test_an_ex_rm_shares_the_frozen_blocks_of_an_im_rm(x64):
+    """The frozen-block key covers the embedding and the lower blocks only: an EX-RM run after an IM-RM run on the
+    same model and data computes no frozen block (and needs no ln π_ref)."""
+    from dynamics.text import PreferenceBatch
+
+    lm, params, data, evalset = _world(seed=12)
+    evalset = PreferenceBatch(evalset.chosen, evalset.rejected)
+    reuse.clear()
+    _run(lm, params, data, evalset, seed=1, reward="im")
+    before = reuse.stats()
+    ex = _run(lm, params, data, evalset, seed=1, reward="ex")
+    assert reuse.stats()["hits"] == before["hits"] + 4 and reuse.stats()["misses"] == before["misses"]
+    assert ex.timing["traces"]["lower"] == 0
     reuse.clear()
