@@ -47,7 +47,7 @@ def test_bad_overrides(override, message):
 def test_unknown_plan_and_preset():
     with pytest.raises(ConfigError, match="available: .*persona"):
         load_plan("nope")
-    with pytest.raises(ConfigError, match="presets: cpu, paper"):
+    with pytest.raises(ConfigError, match="presets: controlled, cpu, paper, remedy"):
         load_plan("persona", "gpu")
 
 
