@@ -32,20 +32,17 @@ from dynamics.errors import ConfigError
 __all__ = ["displacement_along_run"]
 
 
-def _without_ref(tree: Any) -> Any:
-    return {k: v for k, v in tree.items() if k != "ref"}
-
-
 def _interval_update(run, tree, opt_state, batches: list[np.ndarray], train: PreferenceBatch, chunk: int):
     """Σ_s Δθ_s over the steps `batches`, each the run's optimizer update from ∇L_{B_s} at the checkpoint `tree`
     (its state advanced step by step), as a tree like `tree` (π_ref's subtree kept as it is: no leaves)."""
+    from dynamics.attribution.along_run import without_ref
     from dynamics.pair_gradient import loss_gradient
 
     objective = run.config.objective_spec
     total = None
     for b in batches:
-        g = _without_ref(loss_gradient(run.rm, tree, run.frozen, train.select(b), objective, chunk=chunk))
-        update, opt_state = run.tx.update(g, opt_state, _without_ref(tree))
+        g = without_ref(loss_gradient(run.rm, tree, run.frozen, train.select(b), objective, chunk=chunk))
+        update, opt_state = run.tx.update(g, opt_state, without_ref(tree))
         total = update if total is None else jax.tree.map(jnp.add, total, update)
     return {**total, **({"ref": tree["ref"]} if "ref" in tree else {})}
 

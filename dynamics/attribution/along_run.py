@@ -51,7 +51,7 @@ from dynamics.errors import ConfigError, DataError
 from dynamics.masks import combine, partition, trainable_mask
 from dynamics.rewards import GenerativeRM
 
-__all__ = ["RunAttribution", "RunModel", "attribute_run", "checkpoint_plan", "load_run_model"]
+__all__ = ["RunAttribution", "RunModel", "attribute_run", "checkpoint_plan", "load_run_model", "without_ref"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +136,7 @@ class RunModel:
 
     def state(self, step: int) -> tuple[Any, Any]:
         """(trainable parameters, optimizer state) after `step` steps: the checkpoint's, or the start's at 0."""
-        template = {"params": _without_ref(self.train_tree), "opt_state": self.tx.init(_without_ref(self.train_tree))}
+        template = {"params": without_ref(self.train_tree), "opt_state": self.tx.init(without_ref(self.train_tree))}
         if step not in self.checkpoints:
             if step == 0:
                 return self.train_tree, template["opt_state"]
@@ -159,7 +159,8 @@ class RunModel:
         return combine(train_tree, self.frozen)
 
 
-def _without_ref(tree: Any) -> Any:
+def without_ref(tree: Any) -> Any:
+    """`tree` without its π_ref subtree (the part an optimizer and a checkpoint hold)."""
     return {k: v for k, v in tree.items() if k != "ref"}
 
 
@@ -249,7 +250,7 @@ def load_run_model(
             f"{data.get('train_sha256')}; here {train.batch_size} pairs, {ours})"
         )
     rm, params, spec = build_reward_model(config, lm, lm_params)
-    if tree_sha256(_without_ref(params)) != record.get("initial_params_sha256"):
+    if tree_sha256(without_ref(params)) != record.get("initial_params_sha256"):
         raise ConfigError(
             f"{where}: the initial parameters differ from the run's (initial_params_sha256): another model's "
             "weights, another dtype, or another EX-RM head seed"
@@ -321,7 +322,7 @@ def _interval(run: RunModel, tree, opt_state, batches: list[np.ndarray], train, 
     adam = _adam_state(opt_state)
     mu, nu, count = (np.asarray(x) for x in (_flat(adam.mu), _flat(adam.nu), adam.count))
     count, dtype = int(count), mu.dtype
-    theta = np.asarray(_flat(_without_ref(tree)))
+    theta = np.asarray(_flat(without_ref(tree)))
     for b in batches:
         pos = np.searchsorted(rows, b)
         wb = (w[pos] / len(b)).astype(dtype)
