@@ -48,6 +48,7 @@ __all__ = [
     "controlled_suite",
     "pair_accuracies",
     "training_words",
+    "wins",
 ]
 
 #: The plan keys of the design (experiments/plans/persona.toml).
@@ -290,7 +291,7 @@ def controlled_suite(encode: Callable[[Sequence[str], Sequence[str]], Any], text
     return sequences, comparisons, averages
 
 
-def _wins(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def wins(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """[a > b] with ties ½, elementwise (float64)."""
     return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
 
@@ -312,9 +313,9 @@ def pair_accuracies(
              for k, v in rewards.items() if k.startswith(f"{split}/controlled/")}  # fmt: skip
         for kind in ("seen", "new"):
             for lst in design.words:
-                wins = [_wins(r[a], r[b]) for a, b in _same_pairs(design, kind, lst)]
-                out[f"same/{split}/{kind}/{lst.name}"] = np.mean(wins, axis=0)
+                won = [wins(r[a], r[b]) for a, b in _same_pairs(design, kind, lst)]
+                out[f"same/{split}/{kind}/{lst.name}"] = np.mean(won, axis=0)
         for lst in design.words:
-            wins = [_wins(r[a], r[b]) for a, b in _opening_pairs(design, lst)]
-            out[f"opening/{split}/{lst.name}"] = np.mean(wins, axis=0)
+            won = [wins(r[a], r[b]) for a, b in _opening_pairs(design, lst)]
+            out[f"opening/{split}/{lst.name}"] = np.mean(won, axis=0)
     return out

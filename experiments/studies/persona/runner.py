@@ -97,9 +97,7 @@ def _paper_cells(rewards: Mapping[str, Any], values: Mapping[str, Any]) -> dict[
     "paper/{split}/original" and "paper/{split}/paraphrased" (the mean over the 2 × 2 word combinations), ties ½."""
     import numpy as np
 
-    def wins(a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+    from experiments.studies.persona.controlled import wins
 
     out = {}
     for split in ("train", "test"):
