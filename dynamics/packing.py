@@ -26,10 +26,12 @@ from jaxtyping import Array, Bool, Int
 
 from dynamics.errors import DataError
 
-__all__ = ["MIN_SAVING", "SEGMENT_PAD", "pack_pairs", "packed_attention_mask", "worth_packing"]
+__all__ = ["MIN_SAVING", "SEGMENT_PAD", "SEGMENT_SHARED", "pack_pairs", "packed_attention_mask", "worth_packing"]
 
 MIN_SAVING = 0.1
-SEGMENT_SHARED, SEGMENT_CHOSEN, SEGMENT_REJECTED, SEGMENT_PAD = 0, 1, 2, 3
+#: Segment ids of a packed row: the shared prefix, the tails (1, 2, …; a pair's chosen and rejected tails are 1
+#: and 2), and padding (never a tail's id, however many tails a row holds).
+SEGMENT_SHARED, SEGMENT_CHOSEN, SEGMENT_REJECTED, SEGMENT_PAD = 0, 1, 2, -1
 
 
 def _real_tokens(tokens: np.ndarray, mask: np.ndarray, row: int, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -155,10 +155,19 @@ class LM:
         return self.module.apply({"params": params}, tokens, attention_mask, positions, attn_mask)
 
     def lower(
-        self, params: Params, tokens: Int[Array, "B T"], attention_mask: Int[Array, "B T"], stop: int
+        self,
+        params: Params,
+        tokens: Int[Array, "B T"],
+        attention_mask: Int[Array, "B T"],
+        stop: int,
+        positions: Int[Array, "B T"] | None = None,
+        attn_mask: Bool[Array, "B T S"] | None = None,
     ) -> Float[Array, "B T D"]:
-        """The residual stream after the input embedding and blocks 0 … stop − 1."""
-        return Decoder(self.config, stop=stop, final_norm=False).apply({"params": params}, tokens, attention_mask)
+        """The residual stream after the input embedding and blocks 0 … stop − 1 (`positions` and `attn_mask`
+        override the defaults as in `forward`)."""
+        return Decoder(self.config, stop=stop, final_norm=False).apply(
+            {"params": params}, tokens, attention_mask, positions, attn_mask
+        )
 
     def upper(
         self,

@@ -39,6 +39,7 @@ RESUMABLE_CHANGES = (
     "param_sharding",
     "pack_pairs",
     "pass_positions",
+    "pack_eval",
 )
 # positions per forward/backward pass when `pass_positions` is left to the engine on a CPU backend (see TrainConfig)
 CPU_PASS_POSITIONS = 1024
@@ -88,6 +89,10 @@ class TrainConfig:
       pack_pairs: run each training pair's chosen and rejected sequences as one packed row that holds their
         common prefix (the prompt) once (`dynamics.packing`), in micro-batches where that cuts the positions by
         at least 10 %. The same function: only the order of float sums changes.
+      pack_eval: score the evaluation sets (and, for an IM-RM, their ln π_ref) on shared-prefix packed rows that
+        hold each common prefix once, many sequences per row (`dynamics.training.packed_eval`), when that cuts
+        the positions by at least 10 % and there is no device mesh. The same rewards: only the order of float
+        sums changes.
       pass_positions: the most positions (rows × bucketed length, a packed row counted once) one forward /
         backward pass may hold: a larger micro-batch runs as several passes of near-equal size whose gradients
         are summed (the same gradient; only the order of float sums changes, as with accumulation). None: the
@@ -137,6 +142,7 @@ class TrainConfig:
     param_sharding: str = "replicate"
     pack_pairs: bool = True
     pass_positions: int | None = None
+    pack_eval: bool = True
     objective: str = "dpo"
     gamma: float = 0.0
     label_smoothing: float = 0.0

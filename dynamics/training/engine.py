@@ -36,7 +36,7 @@ from dynamics.sharding import data_devices, place_rows
 from dynamics.training.batching import PairSet, pass_limit, pass_rows, split_passes
 from dynamics.training.build import make_optimizer
 from dynamics.training.config import OptimizerSpec, TrainConfig
-from dynamics.training.hidden import hidden_states, lower_hidden
+from dynamics.training.hidden import hidden_states, lower_hidden, packed_lower_hidden
 from dynamics.training.rows import Rows, response_index, take_rows
 
 __all__ = ["CompiledStep", "accumulate_gradients", "compile_step", "pair_losses", "sequence_rewards"]
@@ -124,6 +124,10 @@ def _lower(rm: RewardModel, start: int, lm_params: Params, tokens: Any, mask: An
     return lower_hidden(rm.lm, lm_params, tokens, mask, start)
 
 
+def _lower_packed(rm: RewardModel, start: int, lm_params: Params, rows: Rows):
+    return packed_lower_hidden(rm.lm, lm_params, rows, start)
+
+
 class CompiledStep:
     """The jitted functions of one (reward model, frozen prefix, optimizer), each with a trace counter.
 
@@ -138,11 +142,19 @@ class CompiledStep:
       score: (params, rows) → rewards [B] (EX-RM, EX-GRM).
       logprob: (lm_params, rows with response positions) → ln π(y|x) [B].
       lower: (lm_params, tokens, mask) → the residual stream after the frozen blocks.
+      lower_packed: (lm_params, packed rows) → the same for the packed rows [b, P, D] (`packed_eval`).
     """
 
     def __init__(self, rm: RewardModel, tx: Any, start: int, objective: Objective | None = None):
         self.rm, self.tx, self.start, self.objective = rm, tx, start, objective
-        self.traces: dict[str, int] = {"micro_step": 0, "apply": 0, "score": 0, "logprob": 0, "lower": 0}
+        self.traces: dict[str, int] = {
+            "micro_step": 0,
+            "apply": 0,
+            "score": 0,
+            "logprob": 0,
+            "lower": 0,
+            "lower_packed": 0,
+        }
         first = _counted(self.traces, "micro_step", functools.partial(_micro_grads, rm, start, objective))
 
         def accumulate(train, frozen, acc, both, ref):
@@ -157,6 +169,7 @@ class CompiledStep:
         self.score = jax.jit(_counted(self.traces, "score", functools.partial(_score, rm, start)))
         self.logprob = jax.jit(_counted(self.traces, "logprob", functools.partial(_logprob, rm, start)))
         self.lower = jax.jit(_counted(self.traces, "lower", functools.partial(_lower, rm, start)))
+        self.lower_packed = jax.jit(_counted(self.traces, "lower_packed", functools.partial(_lower_packed, rm, start)))
 
     def prepare(self, rows: Rows, idx: np.ndarray, bucket: int) -> Rows:
         """Rows `idx` of one sequence set cut to their bucketed length, with IM-RM response positions added."""

@@ -19,8 +19,9 @@ from dynamics.models import Params
 from dynamics.text import PreferenceBatch
 from dynamics.training.config import TrainConfig
 from dynamics.training.engine import CompiledStep
+from dynamics.training.packed_eval import PackedEval
 from dynamics.training.rows import Rows
-from dynamics.training.scoring import score_set
+from dynamics.training.scoring import score_packed, score_set
 
 __all__ = ["EvalSuite", "eval_line", "evaluate", "evaluate_rewards", "score_suite"]
 
@@ -129,6 +130,7 @@ def score_suite(
     config: TrainConfig,
     mesh: Any = None,
     bar: Any = None,
+    packed: PackedEval | None = None,
 ) -> dict[str, np.ndarray]:
     """The rewards of every sequence set of `suite`: {set name: [n] float64}.
 
@@ -141,7 +143,11 @@ def score_suite(
       config: the run's options (chunk size, bucket, tie tolerance).
       mesh: the device mesh the parameters are placed on (`train`'s), else None; each chunk is split over it.
       bar: a tqdm bar advanced by the rows of each scored chunk, or None.
+      packed: the suite's sets on shared-prefix packed rows (`Run.packed_eval`), or None; when given, the
+        rewards come from them (`score_packed`) and `sets` is not read.
     """
+    if packed is not None:
+        return score_packed(step, params, packed, ref_cache, bar)
     return {
         name: score_set(step, params, sets[name], ref_cache.get(name), config, mesh, bar) for name in suite.sequences
     }
@@ -156,9 +162,10 @@ def evaluate(
     config: TrainConfig,
     mesh: Any = None,
     bar: Any = None,
+    packed: PackedEval | None = None,
 ) -> dict[str, float]:
     """`evaluate_rewards`' metrics of the rewards `score_suite` gives (the same arguments)."""
-    rewards = score_suite(step, params, suite, sets, ref_cache, config, mesh, bar)
+    rewards = score_suite(step, params, suite, sets, ref_cache, config, mesh, bar, packed=packed)
     return evaluate_rewards(rewards, suite, config.tie_tol, config.objective_spec)
 
 

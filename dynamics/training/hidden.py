@@ -19,7 +19,7 @@ from dynamics.models import LM, Params
 from dynamics.packing import packed_attention_mask
 from dynamics.training.rows import Rows
 
-__all__ = ["frozen_prefix", "hidden_states", "lower_hidden", "upper_hidden"]
+__all__ = ["frozen_prefix", "hidden_states", "lower_hidden", "packed_lower_hidden", "upper_hidden"]
 
 
 def frozen_prefix(params: Params, mask: Any, n_layers: int) -> int:
@@ -47,6 +47,12 @@ def lower_hidden(lm: LM, lm_params: Params, tokens: Any, mask: Any, stop: int) -
     return lm.lower(lm_params, tokens, mask, stop)
 
 
+def packed_lower_hidden(lm: LM, lm_params: Params, rows: Rows, stop: int) -> Any:
+    """The residual stream [b, P, D] of the packed rows after the input embedding and blocks 0 … stop − 1."""
+    attn = packed_attention_mask(rows.pack_segment)
+    return lm.lower(lm_params, rows.pack_tokens, rows.pack_mask, stop, positions=rows.pack_positions, attn_mask=attn)
+
+
 def upper_hidden(lm: LM, lm_params: Params, x: Any, mask: Any, start: int) -> Any:
     """The final hidden states h [B, T, D] from the residual stream after block start − 1 (`LM.upper`).
 
@@ -66,15 +72,18 @@ def hidden_states(lm: LM, lm_params: Params, rows: Rows, start: int) -> Any:
 
 
 def _packed_hidden(lm: LM, lm_params: Params, rows: Rows, start: int) -> Any:
-    """The hidden states [2b, T, D] of b pairs, computed on their packed rows (`dynamics.packing`)."""
+    """The hidden states [B, T, D] of the rows, computed on their b packed rows: b pairs (B = 2b,
+    `dynamics.packing`) or the many rows per packed row of `dynamics.training.packed_eval` (`pack_row`)."""
     attn = packed_attention_mask(rows.pack_segment)
     positions, mask = rows.pack_positions, rows.pack_mask
-    if rows.x is not None:  # the cached residual stream, rearranged into the packed rows
+    if rows.x is not None:
         x = rows.x
-        flat = jnp.reshape(x, (x.shape[0] * x.shape[1], x.shape[2]))
-        h = lm.upper(lm_params, flat[rows.pack_source], mask, start, positions=positions, attn_mask=attn)
+        if rows.pack_source is not None:  # the cached residual stream of the rows, rearranged into the packed rows
+            flat = jnp.reshape(x, (x.shape[0] * x.shape[1], x.shape[2]))
+            x = flat[rows.pack_source]
+        h = lm.upper(lm_params, x, mask, start, positions=positions, attn_mask=attn)
     else:
         h = lm.forward(lm_params, rows.pack_tokens, mask, positions=positions, attn_mask=attn)
     b = h.shape[0]
-    pair = jnp.arange(2 * b) % b
-    return h[pair[:, None], rows.unpack_index]
+    row = jnp.arange(2 * b) % b if rows.pack_row is None else rows.pack_row
+    return h[row[:, None], rows.unpack_index]

@@ -131,7 +131,8 @@ def _evaluate_now(run: Run, state: RunState, bar: Any) -> dict[str, float]:
     desc = "initial evaluation" if state.step == 0 else f"evaluation at step {state.step}"
     eval_bar = stage_bar(run.progress, desc, n_eval, leave=False)
     params = _full_params(run, state)
-    rewards = score_suite(run.step_fn, params, run.suite, run.eval_sets, run.ref_eval, run.config, run.mesh, eval_bar)
+    rewards = score_suite(run.step_fn, params, run.suite, run.eval_sets, run.ref_eval, run.config, run.mesh, eval_bar,
+                          packed=run.packed_eval)  # fmt: skip
     evaluation = evaluate_rewards(rewards, run.suite, run.config.tie_tol, run.config.objective_spec)
     state.last_rewards = rewards
     eval_bar.close()

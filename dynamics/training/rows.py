@@ -39,6 +39,9 @@ class Rows:
       pack_tokens: int32 [b, P], the b = B/2 packed pairs of `dynamics.packing.pack_pairs` (chosen rows first in
         the B rows), or None; likewise pack_mask, pack_positions, pack_segment [b, P], unpack_index [B, T] and
         pack_source [b, P].
+      pack_row: int32 [B], the packed row that holds each row (`dynamics.training.packed_eval`: many rows share
+        one packed row), or None: row i of B = 2b is in packed row i mod b (pairs). With pack_row set and
+        pack_source None, `x` is the cached residual stream of the packed rows [b, P, D].
     """
 
     tokens: Any
@@ -54,6 +57,7 @@ class Rows:
     pack_segment: Any = None
     unpack_index: Any = None
     pack_source: Any = None
+    pack_row: Any = None
 
     @classmethod
     def from_batch(cls, batch: Any) -> Rows:

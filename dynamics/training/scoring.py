@@ -6,6 +6,8 @@ Chunks have exactly `eval_chunk(config, devices)` rows (the last one padded by r
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,9 +19,11 @@ from dynamics.sharding import data_devices, place_rows
 from dynamics.training.batching import eval_chunk
 from dynamics.training.config import TrainConfig
 from dynamics.training.engine import CompiledStep
+from dynamics.training.packed_eval import PackedEval, split_values
 from dynamics.training.rows import Rows, padding_side, take_rows
 
-__all__ = ["add_lower_cache", "score_set", "sequence_logprobs"]
+__all__ = ["add_lower_cache", "add_packed_lower_cache", "packed_logprobs", "score_packed", "score_set",
+           "sequence_logprobs"]  # fmt: skip
 
 
 def add_lower_cache(
@@ -108,3 +112,56 @@ def score_set(
         if bar is not None:
             bar.update(k)
     return np.concatenate(out).astype(np.float64)
+
+
+def add_packed_lower_cache(step: CompiledStep, lm_params: Params, packed: PackedEval, bar: Any = None) -> PackedEval:
+    """`packed` with each chunk's `x` [1, P, D]: the residual stream of its packed row after the frozen blocks
+    0 … start − 1 (`dynamics.training.packed_eval`; `bar` advanced by the sequences of each chunk)."""
+    chunks = []
+    for chunk in packed.chunks:
+        x = np.asarray(step.lower_packed(lm_params, chunk.replace(x=None)))
+        chunks.append(chunk.replace(x=x))
+        if bar is not None:
+            bar.update(int(np.sum(packed.index[len(chunks) - 1] >= 0)))
+    return dataclasses.replace(packed, chunks=tuple(chunks))
+
+
+def _per_chunk(packed: PackedEval, fn: Any, bar: Any) -> list[np.ndarray]:
+    out = []
+    for c, chunk in enumerate(packed.chunks):
+        out.append(np.asarray(fn(chunk)))
+        if bar is not None:
+            bar.update(int(np.sum(packed.index[c] >= 0)))
+    return out
+
+
+def packed_logprobs(
+    step: CompiledStep, lm_params: Params | None, packed: PackedEval, bar: Any = None
+) -> dict[str, np.ndarray]:
+    """ln π(y|x) of every sequence of every set, from the packed rows: {set: float64 [n]} (nats; 0 when
+    `lm_params` is None). The IM-RM's reference log-probs and its evaluation log-probs both come from here, so
+    that r = 0 exactly at initialization."""
+    if lm_params is None:
+        if bar is not None:
+            bar.update(packed.n_rows)
+        return split_values(packed, [np.zeros(len(i)) for i in packed.index])
+    return split_values(packed, _per_chunk(packed, lambda chunk: step.logprob(lm_params, chunk), bar))
+
+
+def score_packed(
+    step: CompiledStep,
+    params: Params,
+    packed: PackedEval,
+    ref: Mapping[str, np.ndarray | None],
+    bar: Any = None,
+) -> dict[str, np.ndarray]:
+    """The reward of every sequence of every set from the packed rows, {set: float64 [n]}: what `score_set`
+    gives set by set (IM-RM: β (ln π_θ − `ref`); docs/math.md §1), up to float rounding."""
+    if isinstance(step.rm, ImplicitRM):
+        lp = packed_logprobs(step, params["lm"], packed, bar)
+        rewards = {name: step.rm.beta * (lp[name] - ref[name]) for name in packed.names}
+        if step.rm.length_normalised:  # SimPO (docs/math.md §11): (β/|y|) ln π_θ(y|x)
+            lengths = split_values(packed, [np.maximum(c.response_mask.sum(axis=1), 1) for c in packed.chunks])
+            rewards = {name: r / lengths[name] for name, r in rewards.items()}
+        return rewards
+    return split_values(packed, _per_chunk(packed, lambda chunk: step.score(params, chunk), bar))
