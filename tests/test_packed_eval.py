@@ -49,9 +49,9 @@ def test_pack_plan_limits_rows():
     seqs = [np.array(s) for s in ([1, 2, 3], [1, 2, 4], [1, 2, 4, 5], [9, 9], [9, 8])]
     assert pack_plan(seqs, max_seqs=5, max_len=100) == [[0, 1, 2, 3, 4]]
     assert pack_plan(seqs, max_seqs=2, max_len=100) == [[0, 1], [2, 3], [4]]
-    # [1,2,3] + [1,2,4] share 2 tokens: 2 + 1 + 1 = 4 positions; adding [1,2,4,5] makes 2 + 1 + 1 + 2 = 6 > 5;
-    # [1,2,4,5] + [9,9] share none: 6 > 5; [9,9] + [9,8] share one: 1 + 1 + 1 = 3
-    assert pack_plan(seqs, max_seqs=5, max_len=5) == [[0, 1], [2], [3, 4]]
+    # trie nodes: [1,2,3] 3, + [1,2,4] 1 more, + [1,2,4,5] 1 more = 5; + [9,9] 2 more = 7 > 5; [9,9] + [9,8] = 3
+    assert pack_plan(seqs, max_seqs=5, max_len=5) == [[0, 1, 2], [3, 4]]
+    assert pack_plan(seqs, max_seqs=5, max_len=4) == [[0, 1], [2], [3, 4]]  # 4 + 2 nodes > 4
     assert pack_plan([np.arange(9)], max_seqs=3, max_len=4) == [[0]]  # a longer single sequence keeps its row
     with pytest.raises(DataError, match="max_seqs"):
         pack_plan(seqs, max_seqs=0, max_len=10)

@@ -31,12 +31,13 @@ from dynamics.rewards import (
     head_reward,
     pooled_features,
     response_lengths,
+    target_logprobs,
 )
 from dynamics.sharding import data_devices, place_rows
 from dynamics.training.batching import PairSet, pass_limit, pass_rows, split_passes
 from dynamics.training.build import make_optimizer
 from dynamics.training.config import OptimizerSpec, TrainConfig
-from dynamics.training.hidden import hidden_states, lower_hidden, packed_lower_hidden
+from dynamics.training.hidden import hidden_states, lower_hidden, packed_hidden, packed_lower_hidden
 from dynamics.training.rows import Rows, response_index, take_rows
 
 __all__ = ["CompiledStep", "accumulate_gradients", "compile_step", "pair_losses", "sequence_rewards"]
@@ -117,6 +118,13 @@ def _score(rm: RewardModel, start: int, params: Params, rows: Rows):
 
 
 def _logprob(rm: RewardModel, start: int, lm_params: Params, rows: Rows):
+    if rows.resp_owner is not None:  # packed prefix trees: each response node once, summed per row by its owner
+        h = packed_hidden(rm.lm, lm_params, rows, start)  # [b, P, D]
+        b, K = rows.resp_src.shape
+        hk = jnp.take_along_axis(h, rows.resp_src[..., None], axis=1)  # [b, K, D]
+        lp = target_logprobs(rm.lm, lm_params, jnp.reshape(hk, (b * K, -1)), jnp.reshape(rows.resp_tgt, (b * K,)))
+        lp = lp * jnp.reshape(rows.resp_valid, (b * K,)).astype(lp.dtype)
+        return rows.resp_owner.astype(lp.dtype) @ lp
     return _policy_logprob(rm, lm_params, rows, hidden_states(rm.lm, lm_params, rows, start))
 
 

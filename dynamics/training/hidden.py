@@ -19,7 +19,7 @@ from dynamics.models import LM, Params
 from dynamics.packing import packed_attention_mask
 from dynamics.training.rows import Rows
 
-__all__ = ["frozen_prefix", "hidden_states", "lower_hidden", "packed_lower_hidden", "upper_hidden"]
+__all__ = ["frozen_prefix", "hidden_states", "lower_hidden", "packed_hidden", "packed_lower_hidden", "upper_hidden"]
 
 
 def frozen_prefix(params: Params, mask: Any, n_layers: int) -> int:
@@ -49,7 +49,7 @@ def lower_hidden(lm: LM, lm_params: Params, tokens: Any, mask: Any, stop: int) -
 
 def packed_lower_hidden(lm: LM, lm_params: Params, rows: Rows, stop: int) -> Any:
     """The residual stream [b, P, D] of the packed rows after the input embedding and blocks 0 … stop − 1."""
-    attn = packed_attention_mask(rows.pack_segment)
+    attn = _attention(rows)
     return lm.lower(lm_params, rows.pack_tokens, rows.pack_mask, stop, positions=rows.pack_positions, attn_mask=attn)
 
 
@@ -71,10 +71,14 @@ def hidden_states(lm: LM, lm_params: Params, rows: Rows, start: int) -> Any:
     return lm.forward(lm_params, rows.tokens, rows.attention_mask)
 
 
-def _packed_hidden(lm: LM, lm_params: Params, rows: Rows, start: int) -> Any:
-    """The hidden states [B, T, D] of the rows, computed on their b packed rows: b pairs (B = 2b,
-    `dynamics.packing`) or the many rows per packed row of `dynamics.training.packed_eval` (`pack_row`)."""
-    attn = packed_attention_mask(rows.pack_segment)
+def _attention(rows: Rows) -> Any:
+    return rows.pack_attn if rows.pack_attn is not None else packed_attention_mask(rows.pack_segment)
+
+
+def packed_hidden(lm: LM, lm_params: Params, rows: Rows, start: int) -> Any:
+    """The final hidden states [b, P, D] of the packed rows themselves (from their cached residual stream `x`,
+    blocks ≥ `start`, if present)."""
+    attn = _attention(rows)
     positions, mask = rows.pack_positions, rows.pack_mask
     if rows.x is not None:
         x = rows.x
@@ -84,6 +88,13 @@ def _packed_hidden(lm: LM, lm_params: Params, rows: Rows, start: int) -> Any:
         h = lm.upper(lm_params, x, mask, start, positions=positions, attn_mask=attn)
     else:
         h = lm.forward(lm_params, rows.pack_tokens, mask, positions=positions, attn_mask=attn)
+    return h
+
+
+def _packed_hidden(lm: LM, lm_params: Params, rows: Rows, start: int) -> Any:
+    """The hidden states [B, T, D] of the rows, computed on their b packed rows: b pairs (B = 2b,
+    `dynamics.packing`) or the many rows per packed row of `dynamics.training.packed_eval` (`pack_row`)."""
+    h = packed_hidden(lm, lm_params, rows, start)
     b = h.shape[0]
     row = jnp.arange(2 * b) % b if rows.pack_row is None else rows.pack_row
     return h[row[:, None], rows.unpack_index]

@@ -3,21 +3,20 @@
 An evaluation suite often scores many sequences per prompt: a preference set's chosen and rejected responses,
 and the controlled Persona design's 7 openings × 16 answer words (docs/math.md §6.2.1), ~110 responses of a few
 tokens after a prompt of ~70. Under causal attention a prefix's hidden states do not depend on what follows it,
-so one packed row
+so the sequences of one packed row are laid out as their prefix tree (trie): every distinct prefix is one node,
+a node's token at the position id of its depth, and a node reads exactly its ancestors and itself. Each
+sequence's hidden states are those of the nodes on its path; they equal the hidden states of the sequence run
+alone up to float rounding (the tests compare them with `LM.forward`). A prompt shared by many responses runs
+once, and so does a response opening shared by several answer words. The pair packing of `dynamics.packing` is
+the special case of two sequences.
 
-    [ shared prefix s | tail of sequence 1 | tail of sequence 2 | … | padding ]
-      positions 0…|s|−1  |s|…|y_1|−1          |s|…|y_2|−1
-
-in which every token reads the shared prefix and its own tail (never another tail), with position ids that
-restart after each tail, computes exactly the hidden states of the separate sequences, and runs the prefix once.
-It is the many-tail form of the pair packing of `dynamics.packing` (same segment convention: 0 the shared
-prefix, i ≥ 1 tail i, `SEGMENT_PAD` padding), and it is exact: the hidden states of a sequence equal its
-unpacked ones up to float rounding (the tests compare them with `LM.forward`).
+The IM-RM's ln π(y|x) = Σ_k ln π(y_k | x, y<k) reads one log-softmax per response node (a node on the response of
+several sequences is computed once) and sums them per sequence through an owner matrix.
 
 The sets are merged into one list and sorted by their tokens, so that sequences with a common prefix are
 neighbours; `pack_plan` then fills rows greedily, each with at most `max_seqs` sequences and (when it holds more
-than one) at most `max_len` positions. Every chunk has the same shapes (one packed row, `max_seqs` sequences of
-the merged length T), so one program is compiled for the whole suite.
+than one) at most `max_len` nodes. Every chunk has the same shapes (one packed row of P nodes, `max_seqs`
+sequences of the merged length T, K response nodes), so one program is compiled for the whole suite.
 """
 
 from __future__ import annotations
@@ -28,12 +27,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from dynamics.errors import DataError
-from dynamics.packing import SEGMENT_PAD, SEGMENT_SHARED
-from dynamics.training.rows import Rows, bucket_length, response_index
+from dynamics.training.rows import Rows, bucket_length
 
 __all__ = ["MAX_PACKED_LENGTH", "PackedEval", "build_packed_eval", "pack_plan", "split_values"]
 
-#: The longest packed row `build_packed_eval` fills (a longer single sequence gets a row of its own length):
+#: The most nodes of a packed row `build_packed_eval` fills (a longer single sequence gets a row of its own):
 #: attention grows as the square of a row, so rows of a few hundred positions keep it a small share of the pass.
 MAX_PACKED_LENGTH = 512
 
@@ -45,7 +43,8 @@ class PackedEval:
     Attributes:
       chunks: one `Rows` per chunk: tokens / attention_mask / response_mask [n, T] of its n = max_seqs sequences
         (right-padded; unused slots repeat the chunk's first sequence), the IM-RM's response positions when asked,
-        pack_tokens / pack_mask / pack_positions / pack_segment [1, P], unpack_index [n, T] and pack_row [n].
+        pack_tokens / pack_mask / pack_positions [1, P], pack_attn [1, P, P], unpack_index [n, T], pack_row [n],
+        and for an IM-RM resp_src / resp_tgt / resp_valid [1, K] and resp_owner [n, K].
       index: int64 [C, n], the merged row of each slot of each chunk (−1 for an unused slot).
       names: the sets, in merged order.
       offsets: int64 [len(names) + 1], set k holds merged rows offsets[k] … offsets[k + 1] − 1.
@@ -87,56 +86,84 @@ def _lcp(a: np.ndarray, b: np.ndarray) -> int:
 
 def pack_plan(seqs: Sequence[np.ndarray], max_seqs: int, max_len: int) -> list[list[int]]:
     """Greedy rows over sequences in the given order: each row takes the next sequences while it holds at most
-    `max_seqs` of them and its packed length (common prefix + every tail) stays ≤ `max_len` (a row of one
+    `max_seqs` of them and its trie (every distinct prefix once) has at most `max_len` nodes (a row of one
     sequence may be longer). Returns the sequence indices of each row, in order."""
     if max_seqs < 1:
         raise DataError(f"pack_plan: max_seqs must be ≥ 1, got {max_seqs}")
     rows: list[list[int]] = []
     members: list[int] = []
-    prefix = total = 0
+    nodes = 0
     for i, s in enumerate(seqs):
         if members:
-            p = min(prefix, _lcp(seqs[members[-1]], s))
-            length = p + (total - len(members) * p) + (len(s) - p)
-            if len(members) < max_seqs and length <= max_len:
+            new = len(s) - max(_lcp(seqs[j], s) for j in members)
+            if len(members) < max_seqs and nodes + new <= max_len:
                 members.append(i)
-                prefix, total = p, total + len(s)
+                nodes += new
                 continue
             rows.append(members)
-        members, prefix, total = [i], len(s), len(s)
+        members, nodes = [i], len(s)
     if members:
         rows.append(members)
     return rows
 
 
-def _prefix(seqs: Sequence[np.ndarray]) -> int:
-    """The length of the longest common prefix of the sequences (all of a single one)."""
-    s = len(seqs[0])
-    for q in seqs[1:]:
-        s = min(s, _lcp(seqs[0], q))
-    return s
+@dataclasses.dataclass
+class _Trie:
+    """The prefix tree of one row's sequences: node v holds token[v] at depth[v] below parent[v] (−1: a root)."""
+
+    token: list[int] = dataclasses.field(default_factory=list)
+    parent: list[int] = dataclasses.field(default_factory=list)
+    depth: list[int] = dataclasses.field(default_factory=list)
+    children: list[dict[int, int]] = dataclasses.field(default_factory=list)
+    roots: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    def insert(self, seq: np.ndarray) -> list[int]:
+        """The node of each token of `seq` (new nodes where its prefix is new)."""
+        path, here = [], self.roots
+        for t, tok in enumerate(seq.tolist()):
+            if tok not in here:
+                here[tok] = len(self.token)
+                self.token.append(tok)
+                self.parent.append(path[-1] if path else -1)
+                self.depth.append(t)
+                self.children.append({})
+            path.append(here[tok])
+            here = self.children[path[-1]]
+        return path
 
 
-def _packed_length(seqs: Sequence[np.ndarray]) -> int:
-    s = _prefix(seqs)
-    return s + sum(len(q) - s for q in seqs)
+def _trie_row(seqs: Sequence[np.ndarray], resp: Sequence[np.ndarray | None], P: int, T: int):
+    """The packed arrays of one row: its trie's nodes in creation order (a parent before its children).
 
-
-def _pack_row(seqs: Sequence[np.ndarray], P: int, T: int):
-    """The packed arrays of one row of sequences (tokens, mask, positions, segment [P]; index [k, T])."""
-    s = _prefix(seqs)
-    tokens, mask = np.zeros(P, np.int32), np.zeros(P, np.int32)
-    positions, segment = np.zeros(P, np.int32), np.full(P, SEGMENT_PAD, np.int32)
+    Returns (tokens, mask, positions [P]; attention [P, P], node s readable from node t iff s is t or one of its
+    ancestors; index [k, T], each sequence's node per position; and, with response masks, (parents [K], nodes [K],
+    owner [k, K]): the nodes at a response position ≥ 1 of some sequence, the parent whose hidden state predicts
+    each, and 1 where the node is at a response position of that sequence).
+    """
+    trie = _Trie()
+    paths = [trie.insert(q) for q in seqs]
+    n = len(trie.token)
+    tokens, mask, positions = np.zeros(P, np.int32), np.zeros(P, np.int32), np.zeros(P, np.int32)
+    tokens[:n], mask[:n], positions[:n] = trie.token, 1, trie.depth
+    attn = np.zeros((P, P), bool)
+    for v in range(n):
+        if trie.parent[v] >= 0:
+            attn[v] = attn[trie.parent[v]]
+        attn[v, v] = True
     index = np.zeros((len(seqs), T), np.int32)
-    tokens[:s], mask[:s], positions[:s], segment[:s] = seqs[0][:s], 1, np.arange(s), SEGMENT_SHARED
-    at = s
-    for k, q in enumerate(seqs):
-        n = len(q) - s
-        tokens[at : at + n], mask[at : at + n] = q[s:], 1
-        positions[at : at + n], segment[at : at + n] = np.arange(s, len(q)), k + 1
-        index[k, : len(q)] = np.where(np.arange(len(q)) < s, np.arange(len(q)), np.arange(len(q)) - s + at)
-        at += n
-    return tokens, mask, positions, segment, index
+    for k, path in enumerate(paths):
+        index[k, : len(path)] = path
+    if resp[0] is None:
+        return tokens, mask, positions, attn, index, None
+    owned = [{path[t] for t in np.flatnonzero(r[1:] > 0) + 1} for path, r in zip(paths, resp, strict=True)]
+    nodes = sorted(set().union(*owned))
+    owner = np.array([[v in own for v in nodes] for own in owned], np.float32).reshape(len(seqs), len(nodes))
+    parents = np.asarray([trie.parent[v] for v in nodes], np.int32)  # ≥ 0: a response node has depth ≥ 1
+    return tokens, mask, positions, attn, index, (parents, np.asarray(nodes, np.int32), owner)
+
+
+def _trie_size(seqs: Sequence[np.ndarray]) -> int:
+    return sum(len(q) - max((_lcp(p, q) for p in seqs[:i]), default=0) for i, q in enumerate(seqs))
 
 
 def build_packed_eval(
@@ -152,9 +179,11 @@ def build_packed_eval(
     Args:
       sets: the sequence sets; all with or all without a response_mask.
       max_seqs: sequences per packed row (and per chunk): the evaluation chunk of the unpacked path.
-      bucket: T, the packed length P and the response positions are rounded up to multiples of this.
-      response_positions: add the IM-RM's response positions (`response_index`) to each chunk.
-      max_len: the longest packed row to fill (module docstring).
+      bucket: T, the packed length P and the number of response nodes K are rounded up to multiples of this.
+      response_positions: add the IM-RM's response nodes to each chunk: resp_src / resp_tgt / resp_valid [1, K]
+        (the parent node whose hidden state predicts each response node, its token, 1 on real entries) and
+        resp_owner [max_seqs, K], so that ln π(y|x) of slot i is Σ_v resp_owner[i, v] ln π(token_v | parent_v).
+      max_len: the most trie nodes of a row (module docstring).
 
     Raises:
       DataError: no sets, a row without real tokens or with padding inside, or sets that disagree on having a
@@ -176,37 +205,51 @@ def build_packed_eval(
     order = sorted(range(len(seqs)), key=lambda i: seqs[i].tolist())
     plan = [[order[k] for k in row] for row in pack_plan([seqs[i] for i in order], max_seqs, max_len)]
     T = bucket_length(max(len(q) for q in seqs), bucket, 1 << 30)
-    P = bucket_length(max(_packed_length([seqs[i] for i in row]) for row in plan), bucket, 1 << 30)
+    P = bucket_length(max(_trie_size([seqs[i] for i in row]) for row in plan), bucket, 1 << 30)
     chunks, index = [], np.full((len(plan), max_seqs), -1, np.int64)
     for c, row in enumerate(plan):
         index[c, : len(row)] = row
-        slots = row + [row[0]] * (max_seqs - len(row))  # unused slots read the first sequence's positions
-        tok, mask, pos, seg, unpack = _pack_row([seqs[i] for i in row], P, T)
-        unpack = np.concatenate([unpack, np.repeat(unpack[:1], max_seqs - len(row), axis=0)])
-        orig_tokens, orig_mask = np.zeros((max_seqs, T), np.int32), np.zeros((max_seqs, T), np.int32)
-        orig_resp = None if resp[0] is None else np.zeros((max_seqs, T), np.int32)
-        for k, i in enumerate(slots):
-            orig_tokens[k, : len(seqs[i])], orig_mask[k, : len(seqs[i])] = seqs[i], 1
-            if orig_resp is not None:
-                orig_resp[k, : len(seqs[i])] = resp[i]
-        chunk = Rows(orig_tokens, orig_mask, orig_resp, pack_tokens=tok[None], pack_mask=mask[None],
-                     pack_positions=pos[None], pack_segment=seg[None], unpack_index=unpack,
-                     pack_row=np.zeros(max_seqs, np.int32))  # fmt: skip
-        chunks.append(response_index(chunk, bucket) if response_positions else chunk)
-    return PackedEval(tuple(_same_response_width(chunks)), index, names, offsets)
+        slots = row + [row[0]] * (max_seqs - len(row))  # unused slots read the first sequence's nodes
+        chunks.append(_chunk([seqs[i] for i in slots], [resp[i] for i in slots], len(row), P, T,
+                             response_positions))  # fmt: skip
+    return PackedEval(tuple(_same_response_width(chunks, bucket)), index, names, offsets)
 
 
-def _same_response_width(chunks: list[Rows]) -> list[Rows]:
-    """The chunks with their response positions padded to one width R (one compiled program for all)."""
+def _chunk(seqs, resp, used: int, P: int, T: int, response_positions: bool) -> Rows:
+    """One chunk: the packed row of its `used` sequences, and every slot in the original layout."""
+    tok, mask, pos, attn, unpack, response = _trie_row(seqs[:used], resp[:used], P, T)
+    n = len(seqs)
+    unpack = np.concatenate([unpack, np.repeat(unpack[:1], n - used, axis=0)])
+    orig_tokens, orig_mask = np.zeros((n, T), np.int32), np.zeros((n, T), np.int32)
+    orig_resp = None if resp[0] is None else np.zeros((n, T), np.int32)
+    for k, q in enumerate(seqs):
+        orig_tokens[k, : len(q)], orig_mask[k, : len(q)] = q, 1
+        if orig_resp is not None:
+            orig_resp[k, : len(q)] = resp[k]
+    chunk = Rows(orig_tokens, orig_mask, orig_resp, pack_tokens=tok[None], pack_mask=mask[None],
+                 pack_positions=pos[None], unpack_index=unpack, pack_row=np.zeros(n, np.int32),
+                 pack_attn=attn[None])  # fmt: skip
+    if not response_positions:
+        return chunk
+    if response is None:
+        raise DataError("build_packed_eval: response positions need sets with a response_mask")
+    parents, nodes, owner = response
+    owner = np.concatenate([owner, np.repeat(owner[:1], n - used, axis=0)])
+    return chunk.replace(resp_src=parents[None], resp_tgt=tok[nodes][None],
+                         resp_valid=np.ones((1, len(nodes)), np.float32), resp_owner=owner)  # fmt: skip
+
+
+def _same_response_width(chunks: list[Rows], bucket: int) -> list[Rows]:
+    """The chunks with their response nodes padded to one width K (one compiled program for all)."""
     if chunks[0].resp_src is None:
         return chunks
-    R = max(c.resp_src.shape[1] for c in chunks)
+    K = bucket_length(max(c.resp_src.shape[1] for c in chunks), bucket, 1 << 30)
 
     def widen(a):
-        return np.pad(a, ((0, 0), (0, R - a.shape[1])))
+        return np.pad(a, ((0, 0), (0, K - a.shape[1])))
 
-    return [c.replace(resp_src=widen(c.resp_src), resp_tgt=widen(c.resp_tgt), resp_valid=widen(c.resp_valid))
-            for c in chunks]  # fmt: skip
+    return [c.replace(resp_src=widen(c.resp_src), resp_tgt=widen(c.resp_tgt), resp_valid=widen(c.resp_valid),
+                      resp_owner=widen(c.resp_owner)) for c in chunks]  # fmt: skip
 
 
 def split_values(packed: PackedEval, per_chunk: Sequence[np.ndarray]) -> dict[str, np.ndarray]:

@@ -42,6 +42,10 @@ class Rows:
       pack_row: int32 [B], the packed row that holds each row (`dynamics.training.packed_eval`: many rows share
         one packed row), or None: row i of B = 2b is in packed row i mod b (pairs). With pack_row set and
         pack_source None, `x` is the cached residual stream of the packed rows [b, P, D].
+      pack_attn: bool [b, P, P], which packed position each one reads (`packed_eval`'s prefix trees), or None:
+        from pack_segment (pairs).
+      resp_owner: float32 [B, K], with packed rows: 1 where response entry k (resp_src / resp_tgt / resp_valid
+        [b, K], positions of the packed row) belongs to row i's response (`packed_eval`), or None.
     """
 
     tokens: Any
@@ -58,6 +62,8 @@ class Rows:
     unpack_index: Any = None
     pack_source: Any = None
     pack_row: Any = None
+    pack_attn: Any = None
+    resp_owner: Any = None
 
     @classmethod
     def from_batch(cls, batch: Any) -> Rows:
