@@ -100,6 +100,8 @@ CASES = {
     "bench delta --model": (["bench", "delta", "--model", "{tmp}/nomodel"], ["--model {tmp}/nomodel: no such"]),
     "bench rho": (["bench", "rho", "--lengths", "x"], ["--lengths must be comma-separated integers"]),
     "bench train": (["bench", "train", "--pairs", "0"], ["--pairs, --tokens"]),
+    "bench eval": (["bench", "eval", "--prompts", "0"], ["--prompts must be in 1…40"]),
+    "bench eval --out file": (["bench", "eval", "--out", "{file}"], ["--out {file}: exists and is a file"]),
     "experiment --preset": (["experiment", "persona", "--preset", "bogus"], ["unknown preset 'bogus'"]),
     "experiment --set key": (["experiment", "persona", "--set", "bogus=1"], ["unknown key 'bogus'"]),
     "delta --lr": (["delta", "--lr", "-1", "--out", "{tmp}/o"], ["--lr must be a finite number > 0, got -1.0"]),

@@ -9,6 +9,7 @@ module level (registration has to stay cheap).
     rmdyn bench delta --memory 8,16,32,64,128,256     # compiled peak memory, eNTK vs per-example gradients
     rmdyn bench rho         # |ȳ| = |v| = 512: vocabulary-chunked ρ vs the full-vocabulary computation
     rmdyn bench train       # IM-RM training step: rmdyn (JAX) vs transformers + torch.optim.Adam
+    rmdyn bench eval        # the controlled Persona sets: evaluation on prefix trees vs set by set
     rmdyn bench attribute   # contribution matrix: total time vs (2N + 2M) single gradients; --memory N,N: peak vs N
 """
 
@@ -26,6 +27,7 @@ BENCH_TARGETS: dict[str, str] = {
     "rho": "experiments.benchmarks.rho",
     "train": "experiments.benchmarks.train",
     "attribute": "experiments.benchmarks.attribute",
+    "eval": "experiments.benchmarks.eval",
 }
 
 

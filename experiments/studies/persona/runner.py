@@ -23,7 +23,7 @@ from experiments.plans.grammar import train_config, validate_training_keys
 from experiments.studies.persona.data import PERSONA_KEYS, PersonaTexts, persona_data_file, persona_texts
 from experiments.studies.training import EncodedRun, encoding_options, train_study
 
-__all__ = ["combination_name", "persona_eval_suite", "plan_report", "run", "validate"]
+__all__ = ["combination_name", "encode_run", "persona_eval_suite", "plan_report", "run", "validate"]
 
 
 def combination_name(split: str, yes: str, no: str) -> str:
@@ -151,12 +151,12 @@ def run(
     """
     texts = persona_texts(values)
     result = train_study(
-        values, run_dir, functools.partial(_encode, values, texts), loaded=loaded, resume=resume, progress=progress
+        values, run_dir, functools.partial(encode_run, values, texts), loaded=loaded, resume=resume, progress=progress
     )
     return _write_controlled(values, run_dir, result) if values["design"] == "controlled" else result
 
 
-def _encode(values: Mapping[str, Any], texts: PersonaTexts, loaded: Any) -> EncodedRun:
+def encode_run(values: Mapping[str, Any], texts: PersonaTexts, loaded: Any) -> EncodedRun:
     """The training batch (EX-GRM: both sides in one encoding, so that they share T) and the evaluation suite."""
     from dynamics.text import (
         ExgrmBatch,
