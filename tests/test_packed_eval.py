@@ -153,3 +153,23 @@ def test_training_evaluation_is_the_same_packed_or_not(x64, reward, trained):
         np.testing.assert_allclose(packed.final_rewards[name], plain.final_rewards[name], rtol=1e-9, atol=1e-12)
     if reward == "im":
         assert packed.history[0]["ab/rewards/margins"] == 0.0  # r = 0 exactly at θ_0: ln π_ref on the same rows
+
+
+def test_an_ex_rm_reuses_the_packed_frozen_blocks_of_an_im_rm(x64):
+    """The packed rows of an EX-RM and an IM-RM differ only in the IM-RM's response nodes: the frozen blocks'
+    output of the packed rows is computed once for both."""
+    from dynamics.training import reuse
+
+    lm, params = _lm("llama")
+    sets = _sets(seed=3)
+    train_data = PreferenceBatch(_batch(sets["a"]), _batch(sets["c"]))
+    suite = EvalSuite({name: _batch(rows) for name, rows in sets.items()}, {"ab": ("a", "b")})
+    reuse.clear()
+    runs = {}
+    for reward in ("im", "ex"):
+        options = {"reward": reward, "params": "last:1", "epochs": 1, "batch_size": 2, "micro_batch_size": 2,
+                   "bucket": 4, "eval_batch_size": 5}  # fmt: skip
+        runs[reward] = train(TrainConfig(**options), lm, params, train_data, suite, run_dir=None, progress=False)
+    assert runs["im"].timing["traces"]["lower_packed"] == 1
+    assert runs["ex"].timing["traces"]["lower_packed"] == 0 and runs["ex"].timing["traces"]["lower"] == 0
+    reuse.clear()

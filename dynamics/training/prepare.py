@@ -345,8 +345,15 @@ def precompute(run: Run, ref_params: Params | None) -> None:
     bar.close()
 
 
-def _packed_digest(packed: PackedEval) -> str:
-    return digest(packed.names, packed.index, *(_rows_digest(chunk) for chunk in packed.chunks))
+def _packed_digest(packed: PackedEval, fields: Sequence[str] | None = None) -> str:
+    """The digest of the packed rows: every field but the cache `x`, or only `fields` (what one pass reads)."""
+    if fields is None:
+        return digest(packed.names, packed.index, *(_rows_digest(chunk) for chunk in packed.chunks))
+    return digest(*(getattr(chunk, f) for chunk in packed.chunks for f in fields))
+
+
+# what the frozen blocks' pass over packed rows reads: an EX-RM (no response nodes) and an IM-RM share it
+_LOWER_FIELDS = ("pack_tokens", "pack_mask", "pack_positions", "pack_attn", "pack_segment")
 
 
 def _cache_packed(run: Run, key: tuple, limit: float, bar: Any) -> PackedEval:
@@ -357,7 +364,7 @@ def _cache_packed(run: Run, key: tuple, limit: float, bar: Any) -> PackedEval:
         done = add_packed_lower_cache(run.step_fn, run.frozen["lm"], packed, bar)
         return np.stack([chunk.x for chunk in done.chunks])
 
-    x = reused((*key, _packed_digest(packed)), compute, limit, bar, packed.n_rows)
+    x = reused((*key, _packed_digest(packed, _LOWER_FIELDS)), compute, limit, bar, packed.n_rows)
     return dataclasses.replace(packed, chunks=tuple(c.replace(x=x[i]) for i, c in enumerate(packed.chunks)))
 
 
