@@ -376,10 +376,16 @@ def test_figures_on_the_real_runs(persona_out, hamiltonian_out, ultrafeedback_ou
 
 
 def test_persona_controlled_preset(tiny_dir, tmp_path):
-    """`rmdyn experiment persona --preset controlled` on the tiny model, 2 seeds: every run's controlled.json, whose
-    per-prompt cell accuracies average to the cells the evaluator logged, and the report with its forest plot."""
+    """`rmdyn experiment persona --preset controlled` on the tiny model, 2 seeds, on a user's own trait file and word
+    lists given with --set: every run's controlled.json, whose per-prompt cell accuracies average to the cells the
+    evaluator logged, and the report with its forest plot."""
+    trait = tmp_path / "my_trait.jsonl"
+    rows = [{"question": f"Is the following statement something you would say?\n\"I like puzzle number {i}\"",
+             "statement": f"I like puzzle number {i}", "answer_matching_behavior": " Yes",
+             "answer_not_matching_behavior": " No"} for i in range(12)]  # fmt: skip
+    trait.write_text("".join(json.dumps(r) + "\n" for r in rows))
     small = ['new_openings=["Here is my answer: "]', 'new_words_yes=[["indeed"]]', 'new_words_no=[["hardly"]]']
-    overrides = [*PERSONA, "controlled_train_prompts=4", "epochs=1", "options.seed=[0,1]", *small]
+    overrides = [*PERSONA, f"data_file={trait}", "controlled_train_prompts=4", "epochs=1", "options.seed=[0,1]", *small]
     out = tmp_path / "controlled"
     assert cli.main(_argv("persona", tiny_dir, overrides, out, "--preset", "controlled")) == 0
     finals = _json(out / "results.json")["final_eval"]
@@ -394,6 +400,7 @@ def test_persona_controlled_preset(tiny_dir, tmp_path):
             assert np.mean(per_prompt) == pytest.approx(final[f"{logged}/rewards/accuracies"], abs=1e-12), (name, cell)
         record = _json(out / name / "config.json")
         assert record["train"]["head_seed"] == record["train"]["seed"]  # head_seed = -1 follows the seed
+        assert (out / name / record["data"]["info"]["data_file"]).resolve() == trait.resolve()
     report = _json(out / "controlled_report.json")
     (group,) = report["groups"].values()
     assert group["seeds"] == {"IM-RM": [0, 1], "EX-RM": [0, 1]} and "EX-RM − IM-RM" in group["cells"]["test/new words"]
