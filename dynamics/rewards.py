@@ -38,6 +38,7 @@ __all__ = [
     "bt_weight",
     "exgrm_losses",
     "gathered_response_logprob",
+    "gathered_token_logprobs",
     "head_reward",
     "last_state",
     "make_reward_model",
@@ -104,11 +105,24 @@ def gathered_response_logprob(
       The summed log-probability of each row (nats; the same sum as `response_logprob`, |y| unembeddings per row
       instead of T).
     """
+    return jnp.sum(gathered_token_logprobs(lm, lm_params, hidden, source, target, valid), axis=-1)
+
+
+def gathered_token_logprobs(
+    lm: LM,
+    lm_params: Params,
+    hidden: Float[Array, "B T D"],
+    source: Int[Array, "B R"],
+    target: Int[Array, "B R"],
+    valid: Float[Array, "B R"],
+) -> Float[Array, "B R"]:
+    """valid · ln π(target | hidden at source) for each entry (nats; 0 on padding): the terms that
+    `gathered_response_logprob` sums per row."""
     B, R = source.shape
     h = jnp.take_along_axis(hidden, source[..., None], axis=1)  # [B, R, D]
     flat = target_logprobs(lm, lm_params, jnp.reshape(h, (B * R, h.shape[-1])), jnp.reshape(target, (B * R,)))
     lp = jnp.reshape(flat, (B, R))  # [B·R, V] logits: 2-D throughout
-    return jnp.sum(lp * valid.astype(lp.dtype), axis=-1)
+    return lp * valid.astype(lp.dtype)
 
 
 def last_state(hidden: Float[Array, "B T D"], attention_mask: Int[Array, "B T"]) -> Float[Array, "B D"]:

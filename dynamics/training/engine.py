@@ -28,10 +28,10 @@ from dynamics.rewards import (
     bt_losses,
     exgrm_losses,
     gathered_response_logprob,
+    gathered_token_logprobs,
     head_reward,
     pooled_features,
     response_lengths,
-    target_logprobs,
 )
 from dynamics.sharding import data_devices, place_rows
 from dynamics.training.batching import PairSet, pass_limit, pass_rows, split_passes
@@ -120,11 +120,8 @@ def _score(rm: RewardModel, start: int, params: Params, rows: Rows):
 def _logprob(rm: RewardModel, start: int, lm_params: Params, rows: Rows):
     if rows.resp_owner is not None:  # packed prefix trees: each response node once, summed per row by its owner
         h = packed_hidden(rm.lm, lm_params, rows, start)  # [b, P, D]
-        b, K = rows.resp_src.shape
-        hk = jnp.take_along_axis(h, rows.resp_src[..., None], axis=1)  # [b, K, D]
-        lp = target_logprobs(rm.lm, lm_params, jnp.reshape(hk, (b * K, -1)), jnp.reshape(rows.resp_tgt, (b * K,)))
-        lp = lp * jnp.reshape(rows.resp_valid, (b * K,)).astype(lp.dtype)
-        return rows.resp_owner.astype(lp.dtype) @ lp
+        lp = gathered_token_logprobs(rm.lm, lm_params, h, rows.resp_src, rows.resp_tgt, rows.resp_valid)
+        return rows.resp_owner.astype(lp.dtype) @ jnp.reshape(lp, (-1,))  # [b, K] → [b·K], owner [B, b·K]
     return _policy_logprob(rm, lm_params, rows, hidden_states(rm.lm, lm_params, rows, start))
 
 

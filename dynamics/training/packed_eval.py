@@ -84,6 +84,11 @@ def _lcp(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if len(differ) else n
 
 
+def _new_nodes(earlier: Sequence[np.ndarray], seq: np.ndarray) -> int:
+    """The trie nodes `seq` adds to the trie of `earlier`: its tokens after its longest prefix already there."""
+    return len(seq) - max((_lcp(p, seq) for p in earlier), default=0)
+
+
 def pack_plan(seqs: Sequence[np.ndarray], max_seqs: int, max_len: int) -> list[list[int]]:
     """Greedy rows over sequences in the given order: each row takes the next sequences while it holds at most
     `max_seqs` of them and its trie (every distinct prefix once) has at most `max_len` nodes (a row of one
@@ -95,7 +100,7 @@ def pack_plan(seqs: Sequence[np.ndarray], max_seqs: int, max_len: int) -> list[l
     nodes = 0
     for i, s in enumerate(seqs):
         if members:
-            new = len(s) - max(_lcp(seqs[j], s) for j in members)
+            new = _new_nodes([seqs[j] for j in members], s)
             if len(members) < max_seqs and nodes + new <= max_len:
                 members.append(i)
                 nodes += new
@@ -163,7 +168,7 @@ def _trie_row(seqs: Sequence[np.ndarray], resp: Sequence[np.ndarray | None], P: 
 
 
 def _trie_size(seqs: Sequence[np.ndarray]) -> int:
-    return sum(len(q) - max((_lcp(p, q) for p in seqs[:i]), default=0) for i, q in enumerate(seqs))
+    return sum(_new_nodes(seqs[:i], q) for i, q in enumerate(seqs))
 
 
 def build_packed_eval(

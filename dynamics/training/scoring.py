@@ -117,16 +117,12 @@ def score_set(
 def add_packed_lower_cache(step: CompiledStep, lm_params: Params, packed: PackedEval, bar: Any = None) -> PackedEval:
     """`packed` with each chunk's `x` [1, P, D]: the residual stream of its packed row after the frozen blocks
     0 … start − 1 (`dynamics.training.packed_eval`; `bar` advanced by the sequences of each chunk)."""
-    chunks = []
-    for chunk in packed.chunks:
-        x = np.asarray(step.lower_packed(lm_params, chunk.replace(x=None)))
-        chunks.append(chunk.replace(x=x))
-        if bar is not None:
-            bar.update(int(np.sum(packed.index[len(chunks) - 1] >= 0)))
-    return dataclasses.replace(packed, chunks=tuple(chunks))
+    xs = _per_chunk(packed, lambda chunk: step.lower_packed(lm_params, chunk.replace(x=None)), bar)
+    return dataclasses.replace(packed, chunks=tuple(c.replace(x=x) for c, x in zip(packed.chunks, xs, strict=True)))
 
 
 def _per_chunk(packed: PackedEval, fn: Any, bar: Any) -> list[np.ndarray]:
+    """fn(chunk) of every chunk as a host array; `bar` advanced by each chunk's sequences."""
     out = []
     for c, chunk in enumerate(packed.chunks):
         out.append(np.asarray(fn(chunk)))
